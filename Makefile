@@ -1,0 +1,11 @@
+# The two commands of the README: `make train` and `make test`. Both build the environment first.
+.PHONY: setup train test
+
+setup:
+	@bash scripts/setup.sh >/dev/null
+
+train: setup
+	bash scripts/train_ddp.sh -c configs/default.yaml
+
+test: setup
+	@PY=$$(bash scripts/setup.sh) && $$PY -m pytest tests -q

@@ -1,0 +1,257 @@
+"""Typed, validated run settings: YAML file + `-o Section.key=value` overrides.
+
+Sections follow PLSC's configs (Global, Model, Loss, Data, Optimizer, LRScheduler, AMP, Eval)
+so a PLSC user can read them without the code. Every key is a dataclass field: an unknown key,
+a wrong type or an impossible value stops with one `ConfigError` naming the key.
+"""
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one message naming the key."""
+
+
+@dataclass
+class GlobalCfg:
+    mode: str = "graph"  # graph | eager: how one training step runs
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 2022
+    output_dir: str = "./output/default"
+    epochs: int = 1
+    max_steps: int = 0  # > 0 stops after this many optimizer steps (smoke runs, tests)
+    log_interval: int = 10
+    eval_interval: int = 0  # steps between verifications; 0 = only at the end
+    eval_before_training: bool = True  # print the untrained model's accuracy as a baseline
+    pretrained: Optional[str] = None
+
+    def check(self):
+        _choice("Global.mode", self.mode, ("graph", "eager"))
+        _choice("Global.device", self.device, ("auto", "cpu", "cuda"))
+        _at_least("Global.epochs", self.epochs, 1)
+        _at_least("Global.max_steps", self.max_steps, 0)
+        _at_least("Global.log_interval", self.log_interval, 1)
+        _at_least("Global.eval_interval", self.eval_interval, 0)
+
+
+@dataclass
+class ModelCfg:
+    name: str = "iresnet50"  # iresnet18/34/50/100/200, or iresnet with explicit `layers`
+    layers: Optional[List[int]] = None  # blocks per stage, overrides the depth in `name`
+    width: int = 64  # channels of the first stage (insightface: 64); stages are 1x/2x/4x/8x
+    embedding_size: int = 512
+    dropout: float = 0.0
+
+    def check(self):
+        from of_face.models import MODELS
+
+        _choice("Model.name", self.name, tuple(MODELS))
+        if self.layers is not None and (len(self.layers) != 4 or min(self.layers) < 1):
+            raise ConfigError(f"Model.layers: expected 4 positive block counts, got {self.layers}")
+        _at_least("Model.width", self.width, 1)
+        _at_least("Model.embedding_size", self.embedding_size, 1)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"Model.dropout: expected a value in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class LossCfg:
+    num_classes: int = 0  # 0 = take it from the data set's `property` file
+    margin: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # m1, m2, m3: ArcFace
+    scale: float = 64.0
+    sample_rate: float = 1.0  # PartialFC: share of class centres kept per step
+
+    def check(self):
+        _at_least("Loss.num_classes", self.num_classes, 0)
+        if len(self.margin) != 3:
+            raise ConfigError(f"Loss.margin: expected [m1, m2, m3], got {self.margin}")
+        if self.margin[0] <= 0:
+            raise ConfigError(f"Loss.margin: m1 must be > 0, got {self.margin[0]}")
+        if self.scale <= 0:
+            raise ConfigError(f"Loss.scale: expected > 0, got {self.scale}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ConfigError(f"Loss.sample_rate: expected a value in (0, 1], got {self.sample_rate}")
+
+
+@dataclass
+class DataCfg:
+    dataset: str = "synthetic"  # synthetic | rec
+    root: str = "./data/synthetic"  # folder with train.rec/train.idx/property and the .bin sets
+    batch_size: int = 64  # per rank
+    num_workers: int = 0
+    flip: bool = True
+    val_targets: List[str] = field(default_factory=lambda: ["synth_val"])  # <root>/<name>.bin
+    # synthetic generator (used when dataset == synthetic)
+    synth_identities: int = 200
+    synth_images_per_identity: int = 40
+    synth_val_identities: int = 100
+    synth_val_pairs: int = 600
+    synth_difficulty: float = 1.0
+
+    def check(self):
+        _choice("Data.dataset", self.dataset, ("synthetic", "rec"))
+        _at_least("Data.batch_size", self.batch_size, 1)
+        _at_least("Data.num_workers", self.num_workers, 0)
+        _at_least("Data.synth_identities", self.synth_identities, 2)
+        _at_least("Data.synth_images_per_identity", self.synth_images_per_identity, 2)
+        if self.synth_difficulty < 0:
+            raise ConfigError(f"Data.synth_difficulty: expected >= 0, got {self.synth_difficulty}")
+
+
+@dataclass
+class OptimizerCfg:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+    def check(self):
+        _choice("Optimizer.name", self.name, ("sgd",))
+        if self.lr <= 0:
+            raise ConfigError(f"Optimizer.lr: expected > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"Optimizer.momentum: expected a value in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"Optimizer.weight_decay: expected >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class LRSchedulerCfg:
+    warmup_epochs: float = 0.0  # linear warm-up from 0, then polynomial decay to 0
+    power: float = 2.0
+
+    def check(self):
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"LRScheduler.warmup_epochs: expected >= 0, got {self.warmup_epochs}")
+        if self.power <= 0:
+            raise ConfigError(f"LRScheduler.power: expected > 0, got {self.power}")
+
+
+@dataclass
+class AMPCfg:
+    enable: bool = False
+    init_scale: float = 65536.0
+
+    def check(self):
+        if self.init_scale <= 0:
+            raise ConfigError(f"AMP.init_scale: expected > 0, got {self.init_scale}")
+
+
+@dataclass
+class Config:
+    Global: GlobalCfg = field(default_factory=GlobalCfg)
+    Model: ModelCfg = field(default_factory=ModelCfg)
+    Loss: LossCfg = field(default_factory=LossCfg)
+    Data: DataCfg = field(default_factory=DataCfg)
+    Optimizer: OptimizerCfg = field(default_factory=OptimizerCfg)
+    LRScheduler: LRSchedulerCfg = field(default_factory=LRSchedulerCfg)
+    AMP: AMPCfg = field(default_factory=AMPCfg)
+
+    def check(self):
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check()
+        return self
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path=None, overrides=()):
+    """Read `path` (YAML) on top of the defaults, apply `Section.key=value` overrides, validate."""
+    raw = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, value = _parse_override(item)
+        section, _, name = key.partition(".")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected a mapping, got {raw[section]!r}")
+        raw[section][name] = value
+    return _build(Config, raw, prefix="").check()
+
+
+def save_config(cfg, path):
+    """Write the merged config atomically (temp name, then rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def _parse_override(item):
+    key, sep, text = item.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"override {item!r}: expected Section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {item!r}: value is not a YAML scalar or list") from None
+    return key.strip(), value
+
+
+def _build(cls, raw, prefix):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, prefix=f"{key}.")
+        else:
+            values[key] = _coerce(f"{prefix}{key}", hint, value)
+    return cls(**values)
+
+
+def _coerce(key, hint, value):
+    """Check `value` against the field's type; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _coerce(key, hint, value)
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _choice(key, value, allowed):
+    if value not in allowed:
+        near = difflib.get_close_matches(str(value), list(allowed), n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got '{value}'{hint}")
+
+
+def _at_least(key, value, low):
+    if value < low:
+        raise ConfigError(f"{key}: expected >= {low}, got {value}")

@@ -1,0 +1,73 @@
+"""Verification during training: 10-fold accuracy with flip test on each configured `.bin`.
+
+Every rank embeds only its share of each batch (inputs split along the batch), so the work is
+sharded across ranks, not repeated; the embeddings are then gathered for the fold protocol.
+"""
+import os
+
+import numpy as np
+import oneflow as flow
+
+from of_face import parallel
+from of_face.config import ConfigError
+from of_face.eval.verification import evaluate, flip_embed, load_bin
+from of_face.train.steps import EmbedGraph
+
+
+def model_input(images_uint8):
+    """uint8 NHWC RGB -> float32 NCHW in [-1, 1], the training normalisation."""
+    x = images_uint8.astype(np.float32).transpose(0, 3, 1, 2)
+    return (x / 255.0 - 0.5) / 0.5
+
+
+class Verifier:
+    def __init__(self, cfg, backbone):
+        self.backbone = backbone
+        self.device = cfg.Global.device
+        self.graph_mode = cfg.Global.mode == "graph"
+        self.per_rank = cfg.Data.batch_size
+        self.targets = []
+        for name in cfg.Data.val_targets:
+            path = os.path.join(cfg.Data.root, f"{name}.bin")
+            if not os.path.isfile(path) and cfg.Data.dataset != "synthetic":
+                raise ConfigError(f"Data.val_targets: {path} not found")
+            self.targets.append((name, path))
+        self._sets = {}
+        self._graph = None
+
+    def embed(self, images_uint8):
+        """Embeddings of every image (all ranks call this with the same images)."""
+        world, rank, b = parallel.world_size(), parallel.rank(), self.per_rank
+        chunk = b * world
+        n = len(images_uint8)
+        padded = int(np.ceil(n / chunk) * chunk)
+        if padded > n:  # static shapes for the graph: pad with copies, drop their embeddings
+            pad = np.repeat(images_uint8[-1:], padded - n, axis=0)
+            images_uint8 = np.concatenate([images_uint8, pad])
+        out = []
+        self.backbone.eval()
+        with flow.no_grad():
+            for start in range(0, padded, chunk):
+                shard = model_input(images_uint8[start + rank * b : start + (rank + 1) * b])
+                x = parallel.batch(shard, device=self.device)
+                if self.graph_mode:
+                    if self._graph is None:
+                        self._graph = EmbedGraph(self.backbone)
+                    y = self._graph(x)
+                else:
+                    y = self.backbone(x)
+                out.append(parallel.to_numpy(y))
+        self.backbone.train()
+        return np.concatenate(out)[:n]
+
+    def run(self):
+        results = {}
+        for name, path in self.targets:
+            if name not in self._sets:
+                self._sets[name] = load_bin(path)
+            images, issame = self._sets[name]
+            emb = flip_embed(self.embed, images, batch_size=len(images))
+            r = evaluate(emb, issame, nfolds=10)
+            r["pairs"] = len(issame)
+            results[name] = r
+        return results

@@ -1,0 +1,41 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, nproc=2, timeout=600, cwd=REPO, env=None):
+    """Run `python -m oneflow.distributed.launch --nproc_per_node N <args>`; fail with its output."""
+    cmd = [sys.executable, "-m", "oneflow.distributed.launch", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port())] + [str(a) for a in args]
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_worker(name, out_json, nproc=2, extra=(), timeout=600):
+    """Run tests/workers/<name>.py on `nproc` ranks; rank 0 writes JSON results to `out_json`."""
+    launch([REPO / "tests" / "workers" / f"{name}.py", out_json, *extra], nproc=nproc, timeout=timeout)
+    return json.loads(Path(out_json).read_text())
+
+
+@pytest.fixture
+def shared():
+    if not SHARED.is_dir():
+        pytest.skip("../shared not present")
+    return SHARED

@@ -1,0 +1,60 @@
+"""Config loading: YAML + overrides, types, clear errors naming the key."""
+import glob
+
+import pytest
+import yaml
+
+from of_face.config import ConfigError, load_config, save_config
+from conftest import REPO
+
+
+def test_every_config_file_loads():
+    files = sorted(glob.glob(str(REPO / "configs" / "*.yaml")))
+    assert files
+    for path in files:
+        load_config(path)
+
+
+def test_overrides_are_typed_yaml_values():
+    cfg = load_config(REPO / "configs/default.yaml",
+                      ["Loss.sample_rate=0.5", "Global.mode=eager", "Loss.margin=[1.0, 0.0, 0.4]",
+                       "Optimizer.lr=1", "Global.pretrained=null"])
+    assert cfg.Loss.sample_rate == 0.5 and cfg.Global.mode == "eager"
+    assert cfg.Loss.margin == [1.0, 0.0, 0.4]
+    assert cfg.Optimizer.lr == 1.0 and isinstance(cfg.Optimizer.lr, float)
+    assert cfg.Global.pretrained is None
+
+
+@pytest.mark.parametrize("override, words", [
+    (["Loss.sampel_rate=0.1"], ["Loss.sampel_rate", "did you mean 'Loss.sample_rate'"]),
+    (["Los.sample_rate=0.1"], ["Los", "did you mean 'Loss'"]),
+    (["Loss.sample_rate=-0.1"], ["Loss.sample_rate", "(0, 1]", "-0.1"]),
+    (["Data.batch_size=abc"], ["Data.batch_size", "expected int", "abc"]),
+    (["Data.batch_size=1.5"], ["Data.batch_size", "expected int"]),
+    (["Global.mode=graf"], ["Global.mode", "did you mean 'graph'"]),
+    (["Loss.margin=[1.0, 0.5]"], ["Loss.margin", "[m1, m2, m3]"]),
+    (["Global.seed"], ["Section.key=value"]),
+    (["Model.name=iresnet51"], ["Model.name", "iresnet51"]),
+])
+def test_bad_values_name_the_key(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs/default.yaml", override)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_key_in_file_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("Optimizer:\n  momentun: 0.9\n")
+    with pytest.raises(ConfigError, match=r"Optimizer.momentun.*did you mean 'Optimizer.momentum'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_merged_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs/default.yaml", ["Optimizer.lr=0.05"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["Optimizer"]["lr"] == 0.05
