@@ -1,0 +1,164 @@
+"""Per-rank batches for data-parallel training with static shapes.
+
+Every rank builds the same epoch order from ``numpy.random.default_rng([seed, epoch])``; global batch
+``b`` is ``order[b*B*W : (b+1)*B*W]`` and rank ``r`` takes the ``r``-th slice of ``B`` samples of it,
+so the shards are disjoint, together cover the epoch, and concatenating the ranks' batches in rank
+order gives the global batch (what a tensor split on dim 0 across ranks expects). The tail of the
+epoch that does not fill a whole global batch is dropped: nn.Graph compiles for one batch shape.
+
+Augmentation is a horizontal flip done in numpy, decided by the same seeded generator (one coin per
+dataset index and epoch). flowvision's RandomHorizontalFlip draws from a global RNG inside whichever
+process runs it, which would make the result depend on the number and scheduling of workers.
+"""
+import collections
+import multiprocessing
+import weakref
+
+import numpy as np
+
+
+def epoch_plan(num_samples, epoch, seed=0, shuffle=True, flip=True):
+    """Return (order, flip_of_index) for one epoch; identical on every rank.
+
+    ``order`` is a permutation of ``range(num_samples)`` (identity when not shuffling);
+    ``flip_of_index[i]`` says whether dataset item ``i`` is mirrored in this epoch.
+    """
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    order = rng.permutation(num_samples) if shuffle else np.arange(num_samples)
+    # Drawn even without `flip` so that turning flipping off does not change anything else.
+    coins = rng.random(num_samples) < 0.5
+    if not flip:
+        coins[:] = False
+    return order.astype(np.int64), coins
+
+
+def load_batch(dataset, indices, flips):
+    """Decode ``dataset[i]`` for each index, mirror where asked; return (uint8 [B,3,H,W], int64 [B])."""
+    images, labels = [], []
+    for index, mirror in zip(indices, flips):
+        image, label = dataset[int(index)]
+        if mirror:
+            image = image[:, ::-1]
+        images.append(image)
+        labels.append(label)
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"images in one batch differ in size: {sorted(shapes)}; all must be equal")
+    batch = np.stack(images).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(batch), np.asarray(labels, dtype=np.int64)
+
+
+def normalize(batch_uint8):
+    """uint8 [B,3,H,W] -> float32 in [-1, 1], i.e. (x / 255 - 0.5) / 0.5."""
+    return (batch_uint8.astype(np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
+
+
+# Worker processes keep the dataset in a module global set by the pool initializer, so that it is
+# sent (or inherited, with fork) once per worker instead of once per batch.
+_WORKER_DATASET = None
+
+
+def _init_worker(dataset):
+    global _WORKER_DATASET
+    _WORKER_DATASET = dataset
+
+
+def _worker_load_batch(indices, flips):
+    return load_batch(_WORKER_DATASET, indices, flips)
+
+
+class ShardedLoader:
+    """Iterate over this rank's share of every global batch of an epoch.
+
+    Yields ``(images float32 [B,3,H,W] in [-1, 1], labels int64 [B])`` numpy arrays, ``B = batch_size``
+    (per rank). ``num_workers > 0`` decodes in a process pool (one task per batch, ``prefetch``
+    batches per worker in flight); output is identical to ``num_workers=0``.
+    ``start_method``: 'fork' starts fast and is what PyTorch's loader uses on Linux; the workers
+    only decode images with PIL and never touch OneFlow. Use 'spawn' if a parent's threads ever
+    make fork unsafe.
+    """
+
+    def __init__(self, dataset, batch_size, rank, world_size, seed=0, num_workers=0, shuffle=True,
+                 flip=True, prefetch=2, start_method="fork"):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = int(batch_size)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.shuffle, self.flip = bool(shuffle), bool(flip)
+        self.prefetch = max(1, int(prefetch))
+        self.start_method = start_method
+        self.epoch = 0
+        self._pool = None
+        self._finalizer = None
+        if len(self) == 0:
+            raise ValueError(f"dataset of {len(dataset)} images is smaller than one global batch "
+                             f"({self.batch_size} x {self.world_size} ranks)")
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.dataset) // (self.batch_size * self.world_size)
+
+    def shard_plan(self, epoch=None):
+        """(indices [len, B], flips [len, B]) that this rank reads in ``epoch`` (default: current)."""
+        epoch = self.epoch if epoch is None else epoch
+        order, coins = epoch_plan(len(self.dataset), epoch, self.seed, self.shuffle, self.flip)
+        global_batch = self.batch_size * self.world_size
+        used = order[:len(self) * global_batch].reshape(len(self), self.world_size, self.batch_size)
+        indices = used[:, self.rank]
+        return indices, coins[indices]
+
+    def __iter__(self):
+        indices, flips = self.shard_plan()
+        if self.num_workers == 0:
+            for batch_indices, batch_flips in zip(indices, flips):
+                images, labels = load_batch(self.dataset, batch_indices, batch_flips)
+                yield normalize(images), labels
+            return
+        pool = self._get_pool()
+        pending = collections.deque()
+        tasks = iter(zip(indices, flips))
+        window = self.num_workers * self.prefetch
+        # A bounded window of outstanding batches: Pool.imap would queue the whole epoch and buffer
+        # results without limit if training is slower than decoding.
+        for task in tasks:
+            pending.append(pool.apply_async(_worker_load_batch, task))
+            if len(pending) >= window:
+                break
+        while pending:
+            images, labels = pending.popleft().get()
+            task = next(tasks, None)
+            if task is not None:
+                pending.append(pool.apply_async(_worker_load_batch, task))
+            yield normalize(images), labels
+
+    def _get_pool(self):
+        if self._pool is None:
+            context = multiprocessing.get_context(self.start_method)
+            self._pool = context.Pool(self.num_workers, initializer=_init_worker, initargs=(self.dataset,))
+            # Terminate the workers when the loader is garbage-collected or the interpreter exits.
+            self._finalizer = weakref.finalize(self, self._pool.terminate)
+        return self._pool
+
+    def close(self):
+        """Stop the worker processes (a later iteration starts new ones)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._pool, self._finalizer = None, None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_pool"] = state["_finalizer"] = None
+        return state
