@@ -42,22 +42,40 @@ class GlobalCfg:
 
 @dataclass
 class ModelCfg:
-    name: str = "iresnet50"  # iresnet18/34/50/100/200, or iresnet with explicit `layers`
-    layers: Optional[List[int]] = None  # blocks per stage, overrides the depth in `name`
-    width: int = 64  # channels of the first stage (insightface: 64); stages are 1x/2x/4x/8x
+    # iresnet18/34/50/100/200 or iresnet (explicit `layers`); mbf, mbf_large (MobileFaceNet);
+    # vit_t/vit_s/vit_b/vit_l (FaceViT, also PLSC's FaceViT_{tiny,small,base,large}_patch9_112)
+    name: str = "iresnet50"
+    layers: Optional[List[int]] = None  # blocks per stage (iresnet, mbf), overrides the depth in `name`
+    # base channel count (insightface: 64): IResNet stages are 1x/2x/4x/8x; MobileFaceNet's trunk
+    # is 64*scale, its expansions 2x/4x/8x. Smaller values give tiny CPU variants.
+    width: int = 64
     embedding_size: int = 512
-    dropout: float = 0.0
+    dropout: float = 0.0  # iresnet only
+    drop_path_rate: float = 0.0  # FaceViT stochastic depth, rising linearly from 0 over the blocks
+    mask_ratio: float = 0.0  # FaceViT: share of the 144 patch tokens masked per training image
+    vit_dim: int = 0  # FaceViT token width; 0 = the named size (256 / 512 / 512 / 768)
+    vit_depth: int = 0  # FaceViT block count; 0 = the named size (12 / 12 / 24 / 24)
 
     def check(self):
-        from of_face.models import MODELS
+        from of_face.models import FAMILY, MODELS
 
         _choice("Model.name", self.name, tuple(MODELS))
         if self.layers is not None and (len(self.layers) != 4 or min(self.layers) < 1):
             raise ConfigError(f"Model.layers: expected 4 positive block counts, got {self.layers}")
+        if self.layers is not None and FAMILY[self.name] == "vit":
+            raise ConfigError(f"Model.layers: does not apply to {self.name}; use Model.vit_depth")
         _at_least("Model.width", self.width, 1)
         _at_least("Model.embedding_size", self.embedding_size, 1)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"Model.dropout: expected a value in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"Model.drop_path_rate: expected a value in [0, 1), got {self.drop_path_rate}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"Model.mask_ratio: expected a value in [0, 1), got {self.mask_ratio}")
+        _at_least("Model.vit_dim", self.vit_dim, 0)
+        if self.vit_dim % 8:
+            raise ConfigError(f"Model.vit_dim: must be a multiple of the 8 attention heads, got {self.vit_dim}")
+        _at_least("Model.vit_depth", self.vit_depth, 0)
 
 
 @dataclass
@@ -110,9 +128,12 @@ class OptimizerCfg:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    clip_grad_norm: float = 5.0  # global L2 norm bound on the backbone's gradients; 0 = off
 
     def check(self):
         _choice("Optimizer.name", self.name, ("sgd",))
+        if self.clip_grad_norm < 0:
+            raise ConfigError(f"Optimizer.clip_grad_norm: expected >= 0, got {self.clip_grad_norm}")
         if self.lr <= 0:
             raise ConfigError(f"Optimizer.lr: expected > 0, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
