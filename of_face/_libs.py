@@ -26,6 +26,13 @@ def nvidia_lib_dirs():
 
 def preload():
     """Load cuBLAS/cuDNN (retrying, since their order of dependency is not alphabetical)."""
+    # OneFlow 0.9.0's CPU graphs on several ranks are not deterministic (first losses and
+    # updates differ run to run, and training can go NaN) unless kernels run on the VM's
+    # scheduler thread; measured in tests/test_train_determinism.py.
+    os.environ.setdefault("ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD", "0")
+    # Without a GPU, OneFlow's glog prints CUDA-driver warnings at every start; errors that
+    # matter still arrive as Python exceptions.
+    os.environ.setdefault("GLOG_minloglevel", "3")
     libs = [p for d in nvidia_lib_dirs() for p in sorted(glob.glob(os.path.join(d, "lib*.so*")))]
     pending = libs
     for _ in range(len(libs) + 1):

@@ -7,9 +7,14 @@ plain Python, used for logging and as the reference in tests.
 import oneflow as flow
 
 
-def build_optimizer(opt_cfg, parameters):
+def build_optimizer(opt_cfg, backbone_params, head_params):
+    """SGD over two groups: the backbone (gradient-norm clipped, as arcface_torch) and the FC."""
+    backbone = {"params": [p for p in backbone_params if p.requires_grad]}
+    if opt_cfg.clip_grad_norm > 0:
+        backbone.update(clip_grad_max_norm=opt_cfg.clip_grad_norm, clip_grad_norm_type=2.0)
+    head = {"params": [p for p in head_params if p.requires_grad]}
     return flow.optim.SGD(
-        parameters, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay
+        [backbone, head], lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay
     )
 
 

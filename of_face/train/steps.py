@@ -54,6 +54,9 @@ class EagerStep:
     def __call__(self, images, labels):
         loss = self.head(self.backbone(images), labels)
         loss.backward()
+        for group in self.optimizer.param_groups:  # the graph clips inside its update
+            if "clip_grad_max_norm" in group:
+                flow.nn.utils.clip_grad_norm_(group.parameters, group["clip_grad_max_norm"], 2.0)
         self.optimizer.step()
         self.optimizer.zero_grad()
         self.scheduler.step()

@@ -43,7 +43,8 @@ def prepare_data(cfg):
                 seed=cfg.Global.seed,
                 difficulty=data.synth_difficulty,
             )
-            log(f"synthetic identities in {data.root}: {summary}")
+            log(f"synthetic identities in {data.root}: {summary['num_classes']} training identities, "
+                f"{summary['num_images']} images; verification pairs from {data.synth_val_identities} unseen identities")
         parallel.barrier()
     if not os.path.isdir(data.root):
         raise ConfigError(f"Data.root: folder not found: {data.root}")
@@ -91,8 +92,7 @@ class Trainer:
             self.num_classes, cfg.Model.embedding_size, margin=cfg.Loss.margin, scale=cfg.Loss.scale,
             sample_rate=cfg.Loss.sample_rate, device=g.device,
         )
-        params = list(self.backbone.parameters()) + list(self.head.parameters())
-        self.optimizer = build_optimizer(cfg.Optimizer, [p for p in params if p.requires_grad])
+        self.optimizer = build_optimizer(cfg.Optimizer, self.backbone.parameters(), self.head.parameters())
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.LRScheduler.power)
         self.step_fn = STEPPERS[g.mode](self.backbone, self.head, self.optimizer, self.scheduler, cfg.AMP)
         self.verifier = Verifier(cfg, self.backbone)

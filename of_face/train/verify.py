@@ -10,14 +10,9 @@ import oneflow as flow
 
 from of_face import parallel
 from of_face.config import ConfigError
+from of_face.data.loader import normalize
 from of_face.eval.verification import evaluate, flip_embed, load_bin
 from of_face.train.steps import EmbedGraph
-
-
-def model_input(images_uint8):
-    """uint8 NHWC RGB -> float32 NCHW in [-1, 1], the training normalisation."""
-    x = images_uint8.astype(np.float32).transpose(0, 3, 1, 2)
-    return (x / 255.0 - 0.5) / 0.5
 
 
 class Verifier:
@@ -48,7 +43,7 @@ class Verifier:
         self.backbone.eval()
         with flow.no_grad():
             for start in range(0, padded, chunk):
-                shard = model_input(images_uint8[start + rank * b : start + (rank + 1) * b])
+                shard = normalize(images_uint8[start + rank * b : start + (rank + 1) * b].transpose(0, 3, 1, 2))
                 x = parallel.batch(shard, device=self.device)
                 if self.graph_mode:
                     if self._graph is None:
