@@ -25,7 +25,7 @@ flow.manual_seed(0)
 backbone = parallel.broadcast_module(
     build_backbone(ModelCfg(name="iresnet", layers=[1, 1, 1, 1], width=width, embedding_size=128)))
 head = PartialFC(classes, 128, margin=(1.0, 0.0, 0.1), scale=16.0)
-optimizer = build_optimizer(OptimizerCfg(lr=0.1), backbone.parameters(), head.parameters())
+optimizer = build_optimizer(OptimizerCfg(lr=0.1), backbone, head.parameters())
 scheduler = flow.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=1)
 step = STEPPERS[mode](backbone, head, optimizer, scheduler)
 

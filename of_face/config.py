@@ -129,9 +129,13 @@ class OptimizerCfg:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     clip_grad_norm: float = 5.0  # global L2 norm bound on the backbone's gradients; 0 = off
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
+    no_weight_decay_on_bn_bias: bool = False  # BN/PReLU/bias/position-embedding get no decay
 
     def check(self):
-        _choice("Optimizer.name", self.name, ("sgd",))
+        _choice("Optimizer.name", self.name, ("sgd", "adamw"))
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"Optimizer.betas: expected two values in [0, 1), got {self.betas}")
         if self.clip_grad_norm < 0:
             raise ConfigError(f"Optimizer.clip_grad_norm: expected >= 0, got {self.clip_grad_norm}")
         if self.lr <= 0:

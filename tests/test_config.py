@@ -58,3 +58,30 @@ def test_merged_config_round_trips(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["Optimizer"]["lr"] == 0.05
+
+
+def test_model_zoo_configs_build_and_run_at_reduced_class_count():
+    """Each of the seed's model-zoo configs builds its backbone and head; one loss is finite."""
+    import numpy as np
+
+    import oneflow as flow
+    from of_face import parallel
+    from of_face.heads.partial_fc import PartialFC
+    from of_face.models import build_backbone
+
+    zoo = sorted(glob.glob(str(REPO / "configs" / "*_1n8c_dp_mp_fp16o1.yaml")))
+    assert len(zoo) == 5
+    expected = {"IResNet50": 93431, "FaceViT": 2059906}
+    for path in zoo:
+        cfg = load_config(path)
+        assert cfg.Loss.num_classes == next(v for k, v in expected.items() if k in path)
+        backbone = parallel.broadcast_module(build_backbone(cfg.Model))
+        backbone.eval()
+        head = PartialFC(1000, cfg.Model.embedding_size, margin=cfg.Loss.margin, scale=cfg.Loss.scale,
+                         sample_rate=cfg.Loss.sample_rate)
+        with flow.no_grad():
+            emb = backbone(parallel.batch(np.random.randn(2, 3, 112, 112).astype(np.float32)))
+            loss = head(emb, parallel.batch(np.array([3, 999])))
+        assert tuple(emb.shape) == (2, 512) and np.isfinite(float(parallel.to_numpy(loss))), path
+        expected_k = min(1000, max(int(np.ceil(cfg.Loss.sample_rate * 1000)), 0))
+        assert head.num_sample == expected_k

@@ -1,14 +1,24 @@
-"""The classification head: a class-split FC layer, combined margin, softmax cross-entropy.
+"""The classification head: class-split FC, PartialFC sampling, combined margin, softmax CE.
 
 The FC weight [classes, dim] is one global tensor split along classes, so each rank stores and
-updates only its slice; embeddings are all-gathered, and the logits come out split along
-classes. Softmax cross-entropy over those class-split logits is OneFlow's
-`sparse_softmax_cross_entropy`, which reduces the max and the sum across ranks itself.
+updates only its slice; embeddings are all-gathered, and the logits come out split along classes.
+Softmax cross-entropy over class-split logits is OneFlow's `sparse_softmax_cross_entropy`, which
+reduces the max and the sum across ranks itself.
 
-Classes are padded to a multiple of the world size; padded centres get a -1e4 logit bias, so
-their softmax probability underflows to exactly 0: they never change the loss and never get
-a gradient from it.
+PartialFC (sample_rate r < 1): every rank keeps k = ceil(r * local_classes) of its centres per
+step: all positive classes of the global batch, filled with uniformly random negatives. It is
+built from ops with CPU and GPU kernels (OneFlow's `distributed_partial_fc_sample` has no CPU
+kernel): the class scores are viewed as [world, local_classes] split(0), so top-k and the gather
+of the kept centres run locally on each rank. Labels are remapped through a [classes] position
+map looked up with the labels (O(batch + classes), no [batch, sampled] comparison matrix).
+
+Classes are padded to a multiple of the world size. Padded centres get a -1e4 logit bias, so
+their softmax probability underflows to exactly 0: they never change the loss nor get a
+gradient. Sampling ranks them last, so they are kept only on a rank with fewer real classes
+than its budget, and then still carry the bias.
 """
+import math
+
 import numpy as np
 import oneflow as flow
 import oneflow.nn as nn
@@ -22,30 +32,83 @@ PAD_LOGIT = -1e4
 
 class PartialFC(nn.Module):
     def __init__(self, num_classes, embedding_size, margin=(1.0, 0.5, 0.0), scale=64.0,
-                 sample_rate=1.0, device="auto", init_std=0.01):
+                 sample_rate=1.0, device="auto", init_std=0.01, global_batch=0):
         super().__init__()
-        if sample_rate != 1.0:
-            raise NotImplementedError("Loss.sample_rate < 1 (PartialFC sampling) is not available yet")
         self.num_classes = num_classes
+        self.world = parallel.world_size()
         self.padded_classes = parallel.padded_classes(num_classes)
+        self.local_classes = self.padded_classes // self.world
+        self.sample_rate = sample_rate
+        # Positives of one batch can never exceed the batch size, so a budget of at least
+        # min(local_classes, global_batch) guarantees no positive is ever dropped.
+        budget = math.ceil(sample_rate * self.local_classes)
+        self.num_sample = min(self.local_classes, max(budget, global_batch))
+        self.sampling = self.num_sample < self.local_classes
+        self.device = device
         self.weight = nn.Parameter(
             parallel.fc_weight_random(self.padded_classes, embedding_size, init_std, device)
         )
         self.margin = CombinedMargin(*margin, scale=scale)
-        self.pad_bias = None
-        if self.padded_classes > num_classes:
-            bias = np.zeros(self.padded_classes, np.float32)
-            bias[num_classes:] = PAD_LOGIT
-            self.pad_bias = parallel.fc_weight(bias, device)
+        pad = np.zeros(self.padded_classes, np.float32)
+        pad[num_classes:] = PAD_LOGIT
+        self.pad_bias = parallel.fc_weight(pad, device) if self.padded_classes > num_classes else None
 
+    # ------------------------------------------------------------------ sampling
+    def sample(self, labels):
+        """labels [N] broadcast -> (kept index per rank [world, k] split(0), remapped labels [N] broadcast).
+
+        Kept index j on rank r is local class idx[r, j], i.e. global class r*local + idx[r, j];
+        the remapped label of a sample is its true centre's position among the world*k kept ones.
+        """
+        world, local, k = self.world, self.local_classes, self.num_sample
+        place = self.weight.placement
+        positive = flow.zeros(self.padded_classes, placement=place, sbp=parallel.SBP_GATHERED)
+        positive = flow.scatter(positive, 0, labels, flow.ones_like(labels, dtype=flow.float32))
+        score = flow.rand(self.padded_classes, placement=place, sbp=parallel.SBP_FC_WEIGHT)
+        score = score + 2.0 * positive.to_global(sbp=parallel.SBP_FC_WEIGHT)  # positives first
+        if self.pad_bias is not None:
+            score = score + self.pad_bias  # padded classes rank last
+        _, index = flow.topk(score.view(world, local), k, dim=1)  # [world, k], local per rank
+        # position map: slot j for each kept local class, looked up by the labels
+        rank_of = flow.floor_divide(labels, local)
+        slots = flow.arange(k, placement=place, sbp=parallel.SBP_GATHERED).unsqueeze(0).expand(world, k)
+        slots = slots.to_global(sbp=parallel.SBP_FC_WEIGHT).to(flow.float32)
+        position = flow.zeros(world, local, placement=place, sbp=parallel.SBP_FC_WEIGHT)
+        position = flow.scatter(position, 1, index, slots).view(self.padded_classes)
+        slot = flow.index_select(position, 0, labels)  # other ranks contribute 0: a partial sum
+        slot = parallel.gather(slot).to(flow.int64)
+        return index, rank_of * k + slot
+
+    def sampled_weight(self, index):
+        """Rows of the weight kept on each rank: [world*k, dim] split(0), gathered locally."""
+        world, k = self.world, self.num_sample
+        dim = self.weight.shape[1]
+        w = self.weight.view(world, self.local_classes, dim)
+        rows = flow.gather(w, 1, index.unsqueeze(-1).expand(world, k, dim))
+        return rows.view(world * k, dim)
+
+    def sampled_pad_bias(self, index):
+        """The -1e4 bias of padded classes, for the kept ones (only when a rank has too few real ones)."""
+        if self.pad_bias is None:
+            return None
+        return flow.gather(self.pad_bias.view(self.world, self.local_classes), 1, index).view(-1)
+
+    # ------------------------------------------------------------------ forward
     def logits(self, embeddings, labels):
-        """embeddings [N, D] split(0) -> (logits [N, C] split(1), labels [N] broadcast)."""
+        """embeddings [N, D] split(0) -> (logits [N, C'] split(1), labels [N] broadcast in C')."""
         embeddings = parallel.gather(embeddings)
         labels = parallel.gather(labels)
-        cosine = flow.matmul(F.normalize(embeddings, dim=1), F.normalize(self.weight, dim=1), transpose_b=True)
+        pad_bias = self.pad_bias
+        if self.sampling:
+            index, labels = self.sample(labels)
+            weight = self.sampled_weight(index)
+            pad_bias = self.sampled_pad_bias(index)
+        else:
+            weight = self.weight
+        cosine = flow.matmul(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1), transpose_b=True)
         logits = self.margin(cosine.clamp(-1.0, 1.0), labels)
-        if self.pad_bias is not None:
-            logits = logits + self.pad_bias
+        if pad_bias is not None:
+            logits = logits + pad_bias
         return logits, labels
 
     def forward(self, embeddings, labels):

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule: SGD(momentum, wd), linear warm-up + polynomial decay.
+"""Optimizer and learning-rate schedule: SGD(momentum) or AdamW, warm-up + polynomial decay.
 
 The schedule is built from OneFlow's own schedulers (LinearLR then PolynomialLR inside a
 SequentialLR) because nn.Graph compiles those into the step; `lr_at` is the same formula in
@@ -7,15 +7,39 @@ plain Python, used for logging and as the reference in tests.
 import oneflow as flow
 
 
-def build_optimizer(opt_cfg, backbone_params, head_params):
-    """SGD over two groups: the backbone (gradient-norm clipped, as arcface_torch) and the FC."""
-    backbone = {"params": [p for p in backbone_params if p.requires_grad]}
+NO_DECAY_NAMES = ("pos_embed", "mask_token")
+
+
+def _no_decay(name, param):
+    """BN/PReLU scales, biases (all 1-D) and ViT position/mask embeddings."""
+    return param.dim() <= 1 or any(n in name for n in NO_DECAY_NAMES)
+
+
+def param_groups(opt_cfg, backbone, head_params):
+    """Backbone group(s) (gradient-norm clipped, as arcface_torch) and the FC group.
+
+    With `no_weight_decay_on_bn_bias`, the backbone is two groups and OneFlow clips each
+    group's norm separately (a documented difference from one global backbone norm).
+    """
+    named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad]
+    if opt_cfg.no_weight_decay_on_bn_bias:
+        groups = [{"params": [p for n, p in named if not _no_decay(n, p)]},
+                  {"params": [p for n, p in named if _no_decay(n, p)], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for _, p in named]}]
+    groups = [g for g in groups if g["params"]]
     if opt_cfg.clip_grad_norm > 0:
-        backbone.update(clip_grad_max_norm=opt_cfg.clip_grad_norm, clip_grad_norm_type=2.0)
-    head = {"params": [p for p in head_params if p.requires_grad]}
-    return flow.optim.SGD(
-        [backbone, head], lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay
-    )
+        for g in groups:
+            g.update(clip_grad_max_norm=opt_cfg.clip_grad_norm, clip_grad_norm_type=2.0)
+    return groups + [{"params": [p for p in head_params if p.requires_grad]}]
+
+
+def build_optimizer(opt_cfg, backbone, head_params):
+    groups = param_groups(opt_cfg, backbone, head_params)
+    if opt_cfg.name == "adamw":
+        return flow.optim.AdamW(groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas),
+                                weight_decay=opt_cfg.weight_decay)
+    return flow.optim.SGD(groups, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
 
 
 def build_scheduler(optimizer, total_steps, warmup_steps, power):

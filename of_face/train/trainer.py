@@ -90,9 +90,9 @@ class Trainer:
         self.backbone = parallel.broadcast_module(self.backbone, g.device)
         self.head = PartialFC(
             self.num_classes, cfg.Model.embedding_size, margin=cfg.Loss.margin, scale=cfg.Loss.scale,
-            sample_rate=cfg.Loss.sample_rate, device=g.device,
+            sample_rate=cfg.Loss.sample_rate, device=g.device, global_batch=self.global_batch,
         )
-        self.optimizer = build_optimizer(cfg.Optimizer, self.backbone.parameters(), self.head.parameters())
+        self.optimizer = build_optimizer(cfg.Optimizer, self.backbone, self.head.parameters())
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.LRScheduler.power)
         self.step_fn = STEPPERS[g.mode](self.backbone, self.head, self.optimizer, self.scheduler, cfg.AMP)
         self.verifier = Verifier(cfg, self.backbone)

@@ -24,7 +24,7 @@ backbone = parallel.broadcast_module(
 head = PartialFC(CLASSES, 16, margin=(1.0, 0.0, 0.35), scale=16.0)
 head.weight = flow.nn.Parameter(parallel.fc_weight(
     np.random.default_rng(1).normal(0, 0.01, (head.padded_classes, 16)).astype(np.float32)))
-optimizer = build_optimizer(OptimizerCfg(lr=0.1, momentum=0.9, weight_decay=5e-4), backbone.parameters(), head.parameters())
+optimizer = build_optimizer(OptimizerCfg(lr=0.1, momentum=0.9, weight_decay=5e-4), backbone, head.parameters())
 scheduler = build_scheduler(optimizer, total_steps=steps, warmup_steps=2, power=2.0)
 step = STEPPERS[mode](backbone, head, optimizer, scheduler)
 
