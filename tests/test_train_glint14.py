@@ -10,11 +10,13 @@ def test_two_process_graph_training_on_real_faces_lowers_the_loss(shared, tmp_pa
     out = tmp_path / "run"
     launch(["-m", "of_face.train.main", "-c", "configs/glint14_iresnet_tiny.yaml",
             "-o", f"Data.root={shared / 'data' / 'glint14'}", "-o", f"Global.output_dir={out}",
-            "-o", "Global.max_steps=40", "-o", "Global.log_interval=5", "-o", "Data.batch_size=16",
-            "-o", "Data.val_targets=[]", "-o", "Global.eval_before_training=false"], nproc=2)
+            "-o", "Global.max_steps=60", "-o", "Global.log_interval=5", "-o", "Data.batch_size=16",
+            "-o", "Data.val_targets=[]", "-o", "Global.eval_before_training=false",
+            "-o", "Model.width=8", "-o", "Loss.margin=[1.0,0.0,0.1]", "-o", "Loss.scale=16",
+            "-o", "LRScheduler.warmup_epochs=0", "-o", "Optimizer.lr=0.05"], nproc=2)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     losses = [float(r["value"]) for r in rows if r["kind"] == "loss"]
-    assert len(losses) == 8 and all(np.isfinite(losses))
-    # 14 classes: the untrained loss is far above what 40 steps reach on these faces
-    assert np.mean(losses[-2:]) < 0.75 * np.mean(losses[:2]), losses
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    # 14 classes (untrained loss ~ ln 14 + s*m = 4.2): 60 steps of 32 real faces must cut it
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
     assert (out / "backbone.npz").is_file() and (out / "config.yaml").is_file()
