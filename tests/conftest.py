@@ -34,6 +34,13 @@ def run_worker(name, out_json, nproc=2, extra=(), timeout=600):
     return json.loads(Path(out_json).read_text())
 
 
+def need(*paths):
+    """Skip the test when a piece of ../shared test material is absent."""
+    for p in paths:
+        if not Path(p).exists():
+            pytest.skip(f"shared test material missing: {p}")
+
+
 @pytest.fixture
 def shared():
     if not SHARED.is_dir():

@@ -1,6 +1,5 @@
 """IJB-C 1:1 evaluation: alignment, template pooling, scores and TAR@FAR against hand-computed
 values, Pillow's independent affine warp, and the README reference figures on ijbc_mini."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,15 +8,10 @@ from PIL import Image
 from of_face.eval.align import ARCFACE_TEMPLATE, align_face, estimate_similarity, warp_affine
 from of_face.eval.ijb import evaluate_ijb, tar_at_far
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED, need
+
 IJBC_MINI = SHARED / "data" / "ijbc_mini"
 MODEL = SHARED / "models" / "mobilefacenet_192d.onnx"
-
-
-def need(*paths):
-    for p in paths:
-        if not p.exists():
-            pytest.skip(f"shared test material missing: {p}")
 
 
 def similarity(scale, deg, tx, ty):

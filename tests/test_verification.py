@@ -3,7 +3,6 @@ independent decoders and the README reference figures of the shared MobileFaceNe
 import io
 import pickle
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,16 +10,11 @@ from PIL import Image
 
 from of_face.eval.verification import evaluate, flip_embed, interp_step, load_bin, verify_bin
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED, need
+
 GLINT_BIN = SHARED / "data" / "glint14" / "glint4_val.bin"
 LFW_BIN = SHARED / "data" / "small_lfw.bin"
 MODEL = SHARED / "models" / "mobilefacenet_192d.onnx"
-
-
-def need(*paths):
-    for p in paths:
-        if not p.exists():
-            pytest.skip(f"shared test material missing: {p}")
 
 
 def pairs_with_distances(dists, seed=0):
