@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Build (once) the virtual environment of_face runs in, and print its python's path.
+# Build (once) the environment of_face runs in, and print its python's path.
 #
-# The venv lives outside the clone, keyed by a hash of requirements.txt and this script, so a
-# second `make setup` with nothing changed takes about a second, and a fresh clone reuses it.
+# Two layers: the heavy dependencies (OneFlow, cuDNN, mxnet, ... ~2.5 GB) live in a venv outside
+# the clone, keyed by a hash of requirements.txt and DEPS_RECIPE, so every clone shares it; each
+# clone has a small `.venv` of its own that sees those packages and holds the editable install
+# of this clone (so one clone never re-points another's `of-face`). A second `make setup` with
+# nothing changed takes about a second.
 # OneFlow 0.9.0 only has wheels for Python 3.7-3.10: we look for python3.10 on PATH, then pyenv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,9 +27,12 @@ find_python() {
     return 1
 }
 
-KEY=$(cat requirements.txt scripts/setup.sh | sha256sum | cut -c1-12)
+# Bump DEPS_RECIPE when the way the shared venv is built changes (not for edits elsewhere here).
+DEPS_RECIPE=1
+KEY=$( (cat requirements.txt; echo "$DEPS_RECIPE") | sha256sum | cut -c1-12)
 VENV="${OF_FACE_VENV_ROOT:-$HOME/.cache/of_face}/venv-$KEY"
-PY="$VENV/bin/python"
+DEPS_PY="$VENV/bin/python"
+PY="$DEPS_PY"
 
 if [ ! -f "$VENV/.complete" ]; then
     BASE=$(find_python)
@@ -41,16 +47,25 @@ if [ ! -f "$VENV/.complete" ]; then
     touch "$VENV/.complete"
 fi
 
-SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-# Every interpreter of this venv preloads cuDNN/cuBLAS (the OneFlow wheel needs them but does
-# not ship them): this covers `python -m oneflow.distributed.launch`, pytest and the scripts.
-if ! cmp -s of_face/_libs.py "$SITE/_of_face_libs.py"; then
-    cp of_face/_libs.py "$SITE/_of_face_libs.py"
-    echo "import _of_face_libs; _of_face_libs.preload()" > "$SITE/_of_face_libs.pth"
+site_of() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+DEPS_SITE=$(site_of "$DEPS_PY")
+# Every interpreter that sees these packages preloads cuDNN/cuBLAS (the OneFlow wheel needs
+# them but does not ship them): this covers `python -m oneflow.distributed.launch`, pytest and
+# the scripts.
+if ! cmp -s of_face/_libs.py "$DEPS_SITE/_of_face_libs.py"; then
+    cp of_face/_libs.py "$DEPS_SITE/_of_face_libs.py"
+    echo "import _of_face_libs; _of_face_libs.preload()" > "$DEPS_SITE/_of_face_libs.pth"
 fi
-# Editable install of this clone (re-pointed when the venv is reused from another clone).
-if [ "$(cat "$VENV/.of_face_src" 2>/dev/null)" != "$REPO:$(sha256sum pyproject.toml | cut -c1-12)" ]; then
+
+# This clone's own small venv: the shared packages via site.addsitedir (which also runs their
+# .pth hooks), plus the editable install with the console entry points.
+STAMP="$KEY:$(sha256sum pyproject.toml | cut -c1-12)"
+PY="$REPO/.venv/bin/python"
+if [ "$(cat .venv/.of_face_stamp 2>/dev/null)" != "$STAMP" ]; then
+    rm -rf .venv
+    "$DEPS_PY" -m venv .venv
+    echo "import site; site.addsitedir('$DEPS_SITE')" > "$(site_of "$PY")/_of_face_deps.pth"
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . >&2
-    echo "$REPO:$(sha256sum pyproject.toml | cut -c1-12)" > "$VENV/.of_face_src"
+    echo "$STAMP" > .venv/.of_face_stamp
 fi
 echo "$PY"

@@ -1,6 +1,6 @@
 """N training steps of a tiny IResNet + class-split head on fixed random batches; report losses.
 
-argv: out.json mode steps. Rank 0 writes {"losses": [...], "fc_sum": ..., "backbone_sum": ...}.
+argv: out.json mode steps [sample_rate [classes]]. Rank 0 writes {"losses": [...], "fc_sum": ..., "backbone_sum": ...}.
 """
 import json
 import sys
@@ -17,11 +17,13 @@ from of_face.train.optim import build_optimizer, build_scheduler
 from of_face.train.steps import STEPPERS
 
 out, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-GLOBAL_BATCH, CLASSES = 16, 21
+rate = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
+CLASSES = int(sys.argv[5]) if len(sys.argv) > 5 else 21
+GLOBAL_BATCH = 16
 flow.manual_seed(0)
 backbone = parallel.broadcast_module(
     build_backbone(ModelCfg(name="iresnet", layers=[1, 1, 1, 1], width=4, embedding_size=16)))
-head = PartialFC(CLASSES, 16, margin=(1.0, 0.0, 0.35), scale=16.0)
+head = PartialFC(CLASSES, 16, margin=(1.0, 0.0, 0.35), scale=16.0, sample_rate=rate)
 head.weight = flow.nn.Parameter(parallel.fc_weight(
     np.random.default_rng(1).normal(0, 0.01, (head.padded_classes, 16)).astype(np.float32)))
 optimizer = build_optimizer(OptimizerCfg(lr=0.1, momentum=0.9, weight_decay=5e-4), backbone, head.parameters())
