@@ -1,7 +1,12 @@
-"""IJB-B / IJB-C 1:1 verification of an ONNX face model.
+"""IJB-B / IJB-C 1:1 verification of a face model (ONNX file or training checkpoint).
 
     python eval/ijbc.py --model-root model.onnx --image-path /data/IJB_release/IJBC --target IJBC \
         [--batch-size 64] [--result-dir out/] [--mean 127.5 --std 127.5]
+    python eval/ijbc.py --checkpoint OUTPUT_DIR --image-path /data/IJB_release/IJBC --target IJBC
+
+--checkpoint takes a training run's output folder (backbone.npz + config.yaml, or --config) and
+runs the backbone with OneFlow in eval mode and the training normalisation (--mean/--std and
+--threads apply to ONNX models only).
 
 Prints the TAR@FAR table and timings; with --result-dir also writes scores.npy, roc.png, table.md.
 """
@@ -9,12 +14,14 @@ import argparse
 import sys
 
 from of_face.eval.ijb import evaluate_ijb, format_table
-from of_face.eval.onnx_embedder import OnnxEmbedder
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-root", required=True, help="ONNX model file")
+    model = ap.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model-root", help="ONNX model file")
+    model.add_argument("--checkpoint", help="training run folder (backbone.npz + config.yaml) or a backbone.npz")
+    ap.add_argument("--config", default=None, help="with --checkpoint: config.yaml if not next to it")
     ap.add_argument("--image-path", required=True, help="folder holding meta/ and loose_crop/")
     ap.add_argument("--target", default="IJBC", choices=["IJBC", "IJBB"])
     ap.add_argument("--batch-size", type=int, default=64)
@@ -29,7 +36,14 @@ def main(argv=None):
     ap.add_argument("--no-flip", action="store_true", help="no flipped-image feature (F0)")
     args = ap.parse_args(argv)
 
-    embed = OnnxEmbedder(args.model_root, mean=args.mean, std=args.std, threads=args.threads)
+    if args.checkpoint:
+        from of_face.eval.checkpoint_embedder import CheckpointEmbedder
+
+        embed = CheckpointEmbedder(args.checkpoint, config=args.config)
+    else:
+        from of_face.eval.onnx_embedder import OnnxEmbedder
+
+        embed = OnnxEmbedder(args.model_root, mean=args.mean, std=args.std, threads=args.threads)
     result = evaluate_ijb(args.image_path, embed, target=args.target, batch_size=args.batch_size,
                           use_norm_score=not args.no_norm_score,
                           use_detector_score=not args.no_detector_score,
