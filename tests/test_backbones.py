@@ -167,11 +167,11 @@ def test_graph_matches_eager(family):
 def test_train_step_graph_two_ranks(tmp_path):
     """One compiled SGD step per family on 2 ranks (tests/workers/backbone_step.py)."""
     results = run_worker("backbone_step", tmp_path / "out.json", nproc=2, timeout=300)
-    assert set(results) == {"iresnet", "mbf", "vit"}
+    assert set(results) == {"iresnet", "mbf", "vit", "iresnet+amp", "mbf+amp", "vit+amp"}
     for family, r in results.items():
         assert np.isfinite(r["loss"]) and r["loss"] > 0, family
         assert r["changed"] == r["trainable"] > 0, family  # every trainable tensor moved
         assert r["rank_diff"] == 0.0, family  # replicas stay identical after the update
-    vit = results["vit"]
-    assert vit["masked"] == [36] * 8  # global batch of 8, random ops on split(0) tensors
-    assert vit["distinct_masks"] == 8  # the two ranks do not draw the same masks
+    for vit in (results["vit"], results["vit+amp"]):
+        assert vit["masked"] == [36] * 8  # global batch of 8, random ops on split(0) tensors
+        assert vit["distinct_masks"] == 8  # the two ranks do not draw the same masks

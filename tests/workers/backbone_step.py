@@ -26,10 +26,13 @@ CFGS = {
 class StepGraph(flow.nn.Graph):
     """forward -> MSE -> backward -> SGD, compiled; also returns FaceViT's token mask."""
 
-    def __init__(self, backbone, optimizer, with_mask):
+    def __init__(self, backbone, optimizer, with_mask, amp=False):
         super().__init__()
         self.backbone, self.with_mask = backbone, with_mask
         self.add_optimizer(optimizer)
+        if amp:  # mixed precision inside the graph, with a dynamic loss scale
+            self.config.enable_amp(True)
+            self.set_grad_scaler(flow.amp.GradScaler(init_scale=128.0, growth_interval=2000))
 
     def build(self, images, targets):
         if self.with_mask:
@@ -51,12 +54,12 @@ def params_flat(model):
     return np.concatenate([p.to_local().numpy().ravel() for p in model.parameters()])
 
 
-def run(cfg, rng):
+def run(cfg, rng, amp=False):
     flow.manual_seed(0)
     model = parallel.broadcast_module(build_backbone(cfg))
     model.train()
     with_mask = hasattr(model, "forward_with_mask")
-    graph = StepGraph(model, flow.optim.SGD(model.parameters(), lr=0.1), with_mask)
+    graph = StepGraph(model, flow.optim.SGD(model.parameters(), lr=0.1), with_mask, amp)
     # .copy(): numpy() of a broadcast parameter can share its memory, which the step updates
     before = [parallel.to_numpy(p).copy() for p in model.parameters()]
     images = rng.standard_normal((GLOBAL_BATCH, 3, 112, 112)).astype(np.float32)
@@ -82,6 +85,7 @@ def run(cfg, rng):
 if __name__ == "__main__":
     rng = np.random.default_rng(0)  # same stream on every rank: each takes its own slice
     results = {family: run(cfg, rng) for family, cfg in CFGS.items()}
+    results.update({f"{family}+amp": run(cfg, rng, amp=True) for family, cfg in CFGS.items()})
     if parallel.rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f)
