@@ -55,6 +55,9 @@ class ModelCfg:
     mask_ratio: float = 0.0  # FaceViT: share of the 144 patch tokens masked per training image
     vit_dim: int = 0  # FaceViT token width; 0 = the named size (256 / 512 / 512 / 768)
     vit_depth: int = 0  # FaceViT block count; 0 = the named size (12 / 12 / 24 / 24)
+    # recompute each residual/transformer block's forward in backward instead of storing its
+    # activations (less memory, ~1 extra forward); graph mode only
+    activation_checkpointing: bool = False
 
     def check(self):
         from of_face.models import FAMILY, MODELS
