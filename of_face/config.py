@@ -184,6 +184,10 @@ class Config:
     def check(self):
         for f in dataclasses.fields(self):
             getattr(self, f.name).check()
+        if self.Global.mode == "eager" and self.AMP.enable:
+            raise ConfigError("AMP.enable: AMP runs in graph mode only; set Global.mode=graph or AMP.enable=false")
+        if self.Global.mode == "eager" and self.Model.activation_checkpointing:
+            raise ConfigError("Model.activation_checkpointing: graph mode only; set Global.mode=graph")
         return self
 
     def to_dict(self):

@@ -35,6 +35,7 @@ def test_overrides_are_typed_yaml_values():
     (["Loss.margin=[1.0, 0.5]"], ["Loss.margin", "[m1, m2, m3]"]),
     (["Global.seed"], ["Section.key=value"]),
     (["Model.name=iresnet51"], ["Model.name", "iresnet51"]),
+    (["Global.mode=eager", "AMP.enable=true"], ["AMP.enable", "graph mode only"]),
 ])
 def test_bad_values_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:

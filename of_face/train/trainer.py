@@ -94,7 +94,8 @@ class Trainer:
         )
         self.optimizer = build_optimizer(cfg.Optimizer, self.backbone, self.head.parameters())
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.LRScheduler.power)
-        self.step_fn = STEPPERS[g.mode](self.backbone, self.head, self.optimizer, self.scheduler, cfg.AMP)
+        self.step_fn = STEPPERS[g.mode](self.backbone, self.head, self.optimizer, self.scheduler, cfg.AMP,
+                                        checkpointing=cfg.Model.activation_checkpointing)
         self.verifier = Verifier(cfg, self.backbone)
         self.metrics_path = os.path.join(self.out_dir, "metrics.csv")
 
