@@ -195,3 +195,27 @@ def test_loader_on_glint14_normalises_like_a_hand_computation(glint14):
     np.testing.assert_allclose(images[1], ((pixels / 255 - 0.5) / 0.5).transpose(2, 0, 1), atol=1e-6)
     assert images.min() >= -1 and images.max() <= 1
     assert images.min() < -0.9 and images.max() > 0.9
+
+
+def test_truncated_rec_is_reported_with_file_and_record(tmp_path):
+    if not (GLINT14 / "train.rec").is_file():
+        pytest.skip(f"shared data not found at {GLINT14}")
+    data = (GLINT14 / "train.rec").read_bytes()
+    index = (GLINT14 / "train.idx").read_text()
+    # cut in the middle of the images: the index points past the end of the file
+    (tmp_path / "train.rec").write_bytes(data[: len(data) // 2])
+    (tmp_path / "train.idx").write_text(index)
+    with pytest.raises(ValueError, match=r"train.rec: truncated or not matching .*train.idx \(record \d+ starts at byte"):
+        RecordDataset(tmp_path)
+    # cut inside the last image record only (its start is still inside the file)
+    offsets = sorted(int(line.split("\t")[1]) for line in index.splitlines())
+    last_image_start = offsets[2397]  # record 2397 = the last image (header is record 0)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    keep = [line for line in index.splitlines() if int(line.split("\t")[0]) <= 2397]
+    (cut / "train.idx").write_text("\n".join(keep) + "\n")
+    (cut / "train.rec").write_bytes(data[: last_image_start + 20])
+    (cut / "property").write_text((GLINT14 / "property").read_text())
+    ds = RecordDataset(cut)
+    with pytest.raises(ValueError, match=r"record 2397 is truncated"):
+        ds[len(ds) - 1]

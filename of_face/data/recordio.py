@@ -67,6 +67,13 @@ class RecordDataset:
         self._labels = None
         # Offsets straight from the .idx file: labels() reads headers with them, without mxnet.
         self._offsets = self._read_index(self.idx_path)
+        # A .rec cut short (or an .idx from another file) points past the end: say so up front
+        # instead of failing on some later batch.
+        size = os.path.getsize(self.rec_path)
+        last_key = max(self._offsets, key=self._offsets.get)
+        if self._offsets[last_key] >= size:
+            raise ValueError(f"{self.rec_path}: truncated or not matching {self.idx_path} (record {last_key} "
+                             f"starts at byte {self._offsets[last_key]}, the file has {size} bytes)")
 
         header, payload = self._read_record(0) if 0 in self._offsets else (None, None)
         # insightface's header carries a vector label and no image. Testing the payload too keeps a
@@ -117,6 +124,8 @@ class RecordDataset:
             raw = self._record_io.read_idx(int(record_id))
         except KeyError:
             raise ValueError(f"{self.rec_path}: record {record_id} is not in {self.idx_path}") from None
+        if raw is None:  # mxnet returns None when the file ends inside the record
+            raise ValueError(f"{self.rec_path}: record {record_id} is truncated")
         try:
             return mx.recordio.unpack(raw)
         except struct.error as err:
