@@ -124,6 +124,8 @@ class RecordDataset:
             raw = self._record_io.read_idx(int(record_id))
         except KeyError:
             raise ValueError(f"{self.rec_path}: record {record_id} is not in {self.idx_path}") from None
+        except mx.base.MXNetError:  # the file ends inside the record's payload
+            raise ValueError(f"{self.rec_path}: record {record_id} is truncated") from None
         if raw is None:  # mxnet returns None when the file ends inside the record
             raise ValueError(f"{self.rec_path}: record {record_id} is truncated")
         try:
