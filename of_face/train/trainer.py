@@ -54,6 +54,11 @@ def prepare_data(cfg):
         raise ConfigError(
             f"Loss.num_classes={cfg.Loss.num_classes} but {data.root} holds {dataset.num_classes} classes"
         )
+    labels = dataset.labels()
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise ConfigError(f"{data.root}: image {bad[0]} has label {labels[bad[0]]}, outside 0..{num_classes - 1} "
+                          f"({len(bad)} such images)")
     return dataset, num_classes
 
 
