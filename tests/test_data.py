@@ -219,3 +219,16 @@ def test_truncated_rec_is_reported_with_file_and_record(tmp_path):
     ds = RecordDataset(cut)
     with pytest.raises(ValueError, match=r"record 2397 is truncated"):
         ds[len(ds) - 1]
+
+
+def test_wrong_image_size_names_the_record(tmp_path):
+    rec = mx.recordio.MXIndexedRecordIO(str(tmp_path / "train.idx"), str(tmp_path / "train.rec"), "w")
+    for key, size in enumerate([112, 100]):
+        rec.write_idx(key, mx.recordio.pack(mx.recordio.IRHeader(0, 0.0, key, 0),
+                                            _png(np.zeros((size, size, 3), np.uint8))))
+    rec.close()
+    (tmp_path / "property").write_text("1,112,112\n")
+    ds = RecordDataset(tmp_path)
+    assert ds[0][0].shape == (112, 112, 3)
+    with pytest.raises(ValueError, match=r"train.rec: record 1 is 100x100, expected 112x112"):
+        ds[1]

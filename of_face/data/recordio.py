@@ -155,6 +155,10 @@ class RecordDataset:
         except Exception as err:  # PIL raises several types for corrupt data
             raise ValueError(f"{self.rec_path}: record {record_id} could not be decoded as an image "
                              f"({type(err).__name__}: {err})") from None
+        expected = self.image_shape  # from `property`; a bare im2rec file has none to hold to
+        if expected is not None and image.shape != tuple(expected):
+            raise ValueError(f"{self.rec_path}: record {record_id} is {image.shape[1]}x{image.shape[0]}, "
+                             f"expected {expected[1]}x{expected[0]} aligned crops (convert with --resize)")
         return image, label
 
     def labels(self):
