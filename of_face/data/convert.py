@@ -30,7 +30,6 @@ images2rec (the insightface packer layout, readable by ``RecordDataset`` / arcfa
 import argparse
 import io
 import os
-import pickle
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -89,15 +88,10 @@ def _raw_bytes(entry):
 
 def bin2images(bin_path, out_dir, flip_test=False):
     """Unpack a verification .bin to images + pair_label.txt; returns the number of pairs."""
-    with open(bin_path, "rb") as f:
-        try:
-            bins, issame = pickle.load(f)
-        except UnicodeDecodeError:
-            f.seek(0)
-            bins, issame = pickle.load(f, encoding="bytes")
-    issame = [bool(x) for x in np.asarray(issame).reshape(-1)]
-    if len(bins) != 2 * len(issame):
-        raise ValueError(f"{bin_path}: {len(bins)} images for {len(issame)} pairs (need 2 x pairs)")
+    from of_face.eval.verification import read_bin_entries
+
+    bins, issame = read_bin_entries(bin_path)
+    issame = [bool(x) for x in issame]
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     names, flip_names = [], []

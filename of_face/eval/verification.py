@@ -27,9 +27,8 @@ def _decode(entry):
         return np.asarray(img.convert("RGB"))
 
 
-def load_bin(path, image_size=(112, 112)):
-    """Read a verification .bin: returns (images uint8 [2P, H, W, 3] RGB, issame bool [P])."""
-    path = Path(path)
+def read_bin_entries(path):
+    """The raw pickle of a verification .bin: (encoded images, issame bool [P]), count-checked."""
     with open(path, "rb") as f:
         try:
             bins, issame = pickle.load(f)
@@ -42,6 +41,13 @@ def load_bin(path, image_size=(112, 112)):
         raise ValueError(
             f"{path}: {len(bins)} images for {len(issame)} pairs (need an even count = 2 x pairs)"
         )
+    return bins, issame
+
+
+def load_bin(path, image_size=(112, 112)):
+    """Read a verification .bin: returns (images uint8 [2P, H, W, 3] RGB, issame bool [P])."""
+    path = Path(path)
+    bins, issame = read_bin_entries(path)
     images = np.empty((len(bins), image_size[0], image_size[1], 3), dtype=np.uint8)
     decoded = {}  # repeated images are often one shared object in the pickle: decode once
     for i, entry in enumerate(bins):
