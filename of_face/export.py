@@ -37,6 +37,7 @@ from of_face.checkpoint import BACKBONE_FILE, load_backbone
 from of_face.config import Config, ModelCfg, load_config
 from of_face.data.loader import normalize
 from of_face.models import build_backbone
+from of_face.train.steps import EmbedGraph
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
@@ -88,15 +89,6 @@ def load_model(run_dir_or_checkpoint, config=None):
 
 
 # --------------------------------------------------------------------------- ONNX graph surgery
-
-
-class _EvalGraph(flow.nn.Graph):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def build(self, x):
-        return self.model(x)
 
 
 def _rename_value(graph, old, new):
@@ -454,7 +446,7 @@ def export_onnx(run_dir_or_checkpoint, out_path, config=None, opset=11, bake_nor
     tmp_out = os.path.join(out_dir, f".{os.path.basename(out_path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with tempfile.TemporaryDirectory(prefix="of_face_export_") as work:
-            graph = _EvalGraph(model)
+            graph = EmbedGraph(model)
             example = normalize(_parity_batches([TRACE_BATCH], seed=1)[TRACE_BATCH])
             with flow.no_grad():
                 graph(flow.tensor(example, dtype=flow.float32))  # trace + compile at TRACE_BATCH
