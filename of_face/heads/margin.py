@@ -3,7 +3,17 @@
 ArcFace = (1, 0.5, 0), CosFace = (1, 0, 0.4), SphereFace-like m1 > 1. The target-class term
 goes through OneFlow's fused `combined_margin_loss` op, which also works on class-split (S(1))
 logits with broadcast labels: each rank adjusts only the columns it owns.
+
+Guard (insightface / arcface_torch convention, `easy_margin=False`), for m1 = 1: once theta + m2
+passes pi, cos(theta + m2) turns back up and would reward a target that moved *away*; there the
+target logit is cos(theta) - m2 * sin(m2) - m3 instead (the first-order expansion of the margin,
+still falling with theta). With m1 != 1 (SphereFace-style) that continuation would jump upward,
+so, like insightface's original combined margin, no guard is applied. OneFlow's op has no such guard, so it is applied here with a `where`
+on the target column, found with the same op (it marks the label column of each row on
+whichever rank owns it). Both branches are differentiated exactly.
 """
+import math
+
 import oneflow as flow
 import oneflow.nn as nn
 
@@ -15,11 +25,18 @@ class CombinedMargin(nn.Module):
     def __init__(self, m1=1.0, m2=0.5, m3=0.0, scale=64.0):
         super().__init__()
         self.m1, self.m2, self.m3, self.scale = float(m1), float(m2), float(m3), float(scale)
+        # cos(theta) below cos(pi - m2) means theta + m2 > pi
+        self.guard_cos = math.cos(math.pi - self.m2) if self.m1 == 1.0 and 0.0 < self.m2 < math.pi else None
 
     def forward(self, cosine, labels):
         """cosine [N, C] (may be split along C), labels [N] broadcast -> scaled logits."""
         if (self.m1, self.m2, self.m3) != (1.0, 0.0, 0.0):
-            cosine = flow._C.combined_margin_loss(cosine, labels, m1=self.m1, m2=self.m2, m3=self.m3)
+            margin = flow._C.combined_margin_loss(cosine, labels, m1=self.m1, m2=self.m2, m3=self.m3)
+            if self.guard_cos is not None:
+                target = flow._C.combined_margin_loss(flow.zeros_like(cosine), labels, m1=1.0, m2=0.0, m3=-1.0)
+                past_pi = (target > 0) & (cosine < self.guard_cos)
+                margin = flow.where(past_pi, cosine - (self.m2 * math.sin(self.m2) + self.m3), margin)
+            cosine = margin
         return cosine * self.scale
 
     def extra_repr(self):

@@ -1,0 +1,43 @@
+"""The combined margin past theta + m2 = pi: numpy's guarded formula and its exact gradient."""
+import math
+
+import numpy as np
+import pytest
+
+import of_face  # noqa: F401
+import oneflow as flow
+from of_face.heads.margin import CombinedMargin
+
+
+def numpy_target(theta, m1, m2, m3):
+    """Target logit / s and its derivative with respect to cos(theta); the guard only for m1 = 1."""
+    past = (m1 == 1.0) & (m1 * theta + m2 > math.pi)
+    value = np.where(past, np.cos(theta) - m2 * math.sin(m2) - m3, np.cos(m1 * theta + m2) - m3)
+    grad = np.where(past, 1.0, m1 * np.sin(m1 * theta + m2) / np.sin(theta))
+    return value, grad, past
+
+
+@pytest.mark.parametrize("margin", [(1.0, 0.5, 0.0), (1.0, 0.3, 0.2), (1.2, 0.4, 0.0)])
+def test_target_logit_and_gradient_follow_the_guarded_formula(margin):
+    theta = np.linspace(0.2, 3.0, 15)  # crosses (pi - m2) / m1 for every margin above
+    n, classes = len(theta), 5
+    labels = np.arange(n) % classes
+    cos = np.full((n, classes), 0.3)
+    cos[np.arange(n), labels] = np.cos(theta)
+    x = flow.tensor(cos, dtype=flow.float32, requires_grad=True)
+    out = CombinedMargin(*margin, scale=2.0)(x, flow.tensor(labels))
+    out.sum().backward()
+    value, grad, past = numpy_target(theta, *margin)
+    assert (past.any() or margin[0] != 1.0) and (~past).any()
+    got = out.numpy()
+    np.testing.assert_allclose(got[np.arange(n), labels], 2.0 * value, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(x.grad.numpy()[np.arange(n), labels], 2.0 * grad, rtol=1e-3, atol=1e-4)
+    others = np.ones_like(cos, bool)
+    others[np.arange(n), labels] = False
+    assert np.allclose(got[others], 0.6) and np.allclose(x.grad.numpy()[others], 2.0)
+    if margin[0] == 1.0:  # the guard keeps the target logit falling as theta grows
+        assert np.all(np.diff(got[np.arange(n), labels]) < 0)
+
+
+def test_cosface_needs_no_guard():
+    assert CombinedMargin(1.0, 0.0, 0.4).guard_cos is None
