@@ -12,6 +12,17 @@ kernel): the class scores are viewed as [world, local_classes] split(0), so top-
 of the kept centres run locally on each rank. Labels are remapped through a [classes] position
 map looked up with the labels (O(batch + classes), no [batch, sampled] comparison matrix).
 
+Sparse updates (`sparse_update=True`, with sampling): the kept rows are read with one
+`index_select` of the weight variable by global class id. nn.Graph's indexed-slices pass
+(enabled by TrainGraph for `head.weight`) then turns that gather's gradient plus the SGD
+momentum / AdamW update into `indexed_slices_*_update`: only kept rows and their optimizer state
+change, and no full-size FC gradient is materialised. That pass refuses a weight decay on the
+variable, so for SGD the decay of kept rows comes from a penalty 0.5*wd*|rows|^2 added to the
+objective (its gradient is exactly wd*w on kept rows and nothing elsewhere); AdamW keeps its
+decoupled decay, which the sparse AdamW update applies to the kept rows. The gather of a split
+weight with broadcast ids yields partial sums, so the kept rows cost one reduce-scatter forward
+and one all-gather of their gradient backward (world*k*dim values each).
+
 Classes are padded to a multiple of the world size. Padded centres get a -1e4 logit bias, so
 their softmax probability underflows to exactly 0: they never change the loss nor get a
 gradient. Sampling ranks them last, so they are kept only on a rank with fewer real classes
@@ -32,7 +43,7 @@ PAD_LOGIT = -1e4
 
 class PartialFC(nn.Module):
     def __init__(self, num_classes, embedding_size, margin=(1.0, 0.5, 0.0), scale=64.0,
-                 sample_rate=1.0, device="auto", init_std=0.01, global_batch=0):
+                 sample_rate=1.0, device="auto", init_std=0.01, global_batch=0, sparse_update=False):
         super().__init__()
         self.num_classes = num_classes
         self.world = parallel.world_size()
@@ -44,6 +55,9 @@ class PartialFC(nn.Module):
         budget = math.ceil(sample_rate * self.local_classes)
         self.num_sample = min(self.local_classes, max(budget, global_batch))
         self.sampling = self.num_sample < self.local_classes
+        self.sparse_update = sparse_update and self.sampling
+        self.row_decay = 0.0  # sparse SGD: decay of kept rows, set with the optimizer (train/optim.py)
+        self.last_index = None  # kept local ids [world, k] of the latest step (eager sparse update)
         self.device = device
         self.weight = nn.Parameter(
             parallel.fc_weight_random(self.padded_classes, embedding_size, init_std, device)
@@ -87,6 +101,24 @@ class PartialFC(nn.Module):
         rows = flow.gather(w, 1, index.unsqueeze(-1).expand(world, k, dim))
         return rows.view(world * k, dim)
 
+    def sparse_rows(self, index):
+        """The same rows as `sampled_weight`, read with index_select by global class id.
+
+        This form (a gather whose input is the variable itself) is what nn.Graph's indexed-slices
+        optimizer pass recognises; ids must be broadcast, so the output is a partial sum that a
+        reduce-scatter turns back into each rank's own rows.
+        """
+        world, local, k = self.world, self.local_classes, self.num_sample
+        offset = flow.arange(world, placement=self.weight.placement, sbp=parallel.SBP_GATHERED) * local
+        ids = index + offset.to_global(sbp=parallel.SBP_FC_WEIGHT).unsqueeze(1)  # [world, k] global ids
+        rows = flow.index_select(self.weight, 0, parallel.gather(ids.view(world * k)))
+        return rows.to_global(sbp=parallel.SBP_FC_WEIGHT)
+
+    def sampled_mask(self, index):
+        """[padded classes] split(0): 1 for the centres kept at `index`, else 0."""
+        mask = flow.zeros(self.world, self.local_classes, placement=self.weight.placement, sbp=parallel.SBP_FC_WEIGHT)
+        return flow.scatter(mask, 1, index, flow.ones_like(index, dtype=flow.float32)).view(self.padded_classes)
+
     def sampled_pad_bias(self, index):
         """The -1e4 bias of padded classes, for the kept ones (only when a rank has too few real ones)."""
         if self.pad_bias is None:
@@ -99,13 +131,18 @@ class PartialFC(nn.Module):
         embeddings = parallel.gather(embeddings)
         labels = parallel.gather(labels)
         pad_bias = self.pad_bias
+        self.penalty = None
         if self.sampling:
             index, labels = self.sample(labels)
-            weight = self.sampled_weight(index)
+            self.last_index = index
+            weight = self.sparse_rows(index) if self.sparse_update else self.sampled_weight(index)
             pad_bias = self.sampled_pad_bias(index)
+            if self.row_decay:
+                self.penalty = 0.5 * self.row_decay * (weight * weight).sum()
         else:
             weight = self.weight
         cosine = flow.matmul(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1), transpose_b=True)
+        cosine = cosine.to(flow.float32)  # under AMP the matmul may run in FP16; margin, logits, loss stay FP32
         logits = self.margin(cosine.clamp(-1.0, 1.0), labels)
         if pad_bias is not None:
             logits = logits + pad_bias
@@ -113,5 +150,10 @@ class PartialFC(nn.Module):
 
     def forward(self, embeddings, labels):
         """Mean softmax cross-entropy over the global batch (a scalar global tensor)."""
+        return self.objective(embeddings, labels)[1]
+
+    def objective(self, embeddings, labels):
+        """(what to differentiate, the reported loss): the loss plus the kept rows' decay penalty."""
         logits, labels = self.logits(embeddings, labels)
-        return flow._C.sparse_softmax_cross_entropy(logits, labels).mean()
+        loss = flow._C.sparse_softmax_cross_entropy(logits, labels).mean()
+        return (loss if self.penalty is None else loss + self.penalty), loss

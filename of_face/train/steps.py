@@ -44,13 +44,19 @@ class TrainGraph(nn.Graph):
                 proxy = getattr(proxy, part)
             proxy.to(GraphModule).activation_checkpointing = True
         self.add_optimizer(optimizer, lr_sch=scheduler)
+        if getattr(head, "sparse_update", False):
+            # gather(head.weight) + its optimizer -> indexed_slices_{momentum,adam}_update:
+            # only the kept rows and their optimizer state are touched (see heads/partial_fc.py)
+            sparse = self.config.proto.indexed_slices_optimizer_conf
+            sparse.enable = True
+            sparse.include_op_names.op_name.append("head.weight")
         if amp is not None and amp.enable:
             self.config.enable_amp(True)
             self.set_grad_scaler(flow.amp.GradScaler(init_scale=amp.init_scale, growth_interval=2000))
 
     def build(self, images, labels):
-        loss = self.head(self.backbone(images), labels)
-        loss.backward()
+        objective, loss = self.head.objective(self.backbone(images), labels)
+        objective.backward()
         return loss
 
 
@@ -83,15 +89,40 @@ class EagerStep:
         self.optimizer, self.scheduler = optimizer, scheduler
 
     def __call__(self, images, labels):
-        loss = self.head(self.backbone(images), labels)
-        loss.backward()
+        objective, loss = self.head.objective(self.backbone(images), labels)
+        objective.backward()
+        if getattr(self.head, "sparse_update", False):
+            kept = self.head.sampled_mask(self.head.last_index).unsqueeze(1) > 0
+            before = self._fc_state()
         for group in self.optimizer.param_groups:  # the graph clips inside its update
             if "clip_grad_max_norm" in group:
                 flow.nn.utils.clip_grad_norm_(group.parameters, group["clip_grad_max_norm"], 2.0)
         self.optimizer.step()
+        if getattr(self.head, "sparse_update", False):
+            self._keep_unsampled_rows(kept, before)
         self.optimizer.zero_grad()
         self.scheduler.step()
         return loss
+
+    def _fc_state(self):
+        """The FC weight and its optimizer state tensors (momentum / Adam moments), copied."""
+        w = self.head.weight
+        state = self.optimizer._state.get(w, {})
+        tensors = {k: v for k, v in state.items() if isinstance(v, flow.Tensor) and v.shape == w.shape}
+        return {"weight": w.detach().clone(), **{k: v.clone() for k, v in tensors.items()}}
+
+    def _keep_unsampled_rows(self, kept, before):
+        """Eager twin of the graph's sparse update: unsampled rows get back weight and state exactly."""
+        w = self.head.weight
+        state = self.optimizer._state.setdefault(w, {})
+        with flow.no_grad():
+            w.copy_(flow.where(kept, w, before["weight"]))
+            for k, old in before.items():
+                if k != "weight":
+                    state[k].copy_(flow.where(kept, state[k], old))
+            for k, v in state.items():  # state created by this first step: unsampled rows start at 0
+                if k not in before and isinstance(v, flow.Tensor) and v.shape == w.shape:
+                    v.copy_(flow.where(kept, v, flow.zeros_like(v)))
 
 
 STEPPERS = {"graph": GraphStep, "eager": EagerStep}
