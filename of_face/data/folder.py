@@ -28,7 +28,7 @@ def load_image(path, image_size=(112, 112), resize=False):
             if im.size != (image_size[1], image_size[0]):
                 if not resize:
                     raise ValueError(f"{path}: image is {im.size[0]}x{im.size[1]}, expected "
-                                     f"{image_size[1]}x{image_size[0]} (pass resize=True to resize)")
+                                     f"{image_size[1]}x{image_size[0]} (set Data.resize=true to resize)")
                 im = im.resize((image_size[1], image_size[0]), Image.BILINEAR)
             return np.asarray(im)
     except (OSError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError

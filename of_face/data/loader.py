@@ -9,12 +9,16 @@ epoch that does not fill a whole global batch is dropped: nn.Graph compiles for 
 Augmentation is a horizontal flip done in numpy, decided by the same seeded generator (one coin per
 dataset index and epoch). flowvision's RandomHorizontalFlip draws from a global RNG inside whichever
 process runs it, which would make the result depend on the number and scheduling of workers.
+Further augmentations (crop, colour jitter, greyscale; ``of_face/data/augment.py``) use a generator
+per sample seeded from (seed, epoch, index) for the same reason.
 """
 import collections
 import multiprocessing
 import weakref
 
 import numpy as np
+
+from of_face.data.augment import sample_rng
 
 
 def epoch_plan(num_samples, epoch, seed=0, shuffle=True, flip=True):
@@ -32,13 +36,16 @@ def epoch_plan(num_samples, epoch, seed=0, shuffle=True, flip=True):
     return order.astype(np.int64), coins
 
 
-def load_batch(dataset, indices, flips):
-    """Decode ``dataset[i]`` for each index, mirror where asked; return (uint8 [B,3,H,W], int64 [B])."""
+def load_batch(dataset, indices, flips, augment=None, stream=(0, 0)):
+    """Decode ``dataset[i]`` for each index, mirror where asked, then ``augment`` it with the sample's
+    generator for ``stream`` = (seed, epoch); return (uint8 [B,3,H,W], int64 [B])."""
     images, labels = [], []
     for index, mirror in zip(indices, flips):
         image, label = dataset[int(index)]
         if mirror:
             image = image[:, ::-1]
+        if augment is not None and augment.active:
+            image = augment(image, sample_rng(*stream, index))
         images.append(image)
         labels.append(label)
     shapes = {im.shape for im in images}
@@ -55,16 +62,16 @@ def normalize(batch_uint8):
 
 # Worker processes keep the dataset in a module global set by the pool initializer, so that it is
 # sent (or inherited, with fork) once per worker instead of once per batch.
-_WORKER_DATASET = None
+_WORKER_DATASET = _WORKER_AUGMENT = None
 
 
-def _init_worker(dataset):
-    global _WORKER_DATASET
-    _WORKER_DATASET = dataset
+def _init_worker(dataset, augment=None):
+    global _WORKER_DATASET, _WORKER_AUGMENT
+    _WORKER_DATASET, _WORKER_AUGMENT = dataset, augment
 
 
-def _worker_load_batch(indices, flips):
-    return load_batch(_WORKER_DATASET, indices, flips)
+def _worker_load_batch(indices, flips, stream):
+    return load_batch(_WORKER_DATASET, indices, flips, _WORKER_AUGMENT, stream)
 
 
 class ShardedLoader:
@@ -72,14 +79,15 @@ class ShardedLoader:
 
     Yields ``(images float32 [B,3,H,W] in [-1, 1], labels int64 [B])`` numpy arrays, ``B = batch_size``
     (per rank). ``num_workers > 0`` decodes in a process pool (one task per batch, ``prefetch``
-    batches per worker in flight); output is identical to ``num_workers=0``.
+    batches per worker in flight); output is identical to ``num_workers=0``. ``augment``: an
+    ``of_face.data.augment.Augment`` (or None) applied after the flip.
     ``start_method``: 'fork' starts fast and is what PyTorch's loader uses on Linux; the workers
     only decode images with PIL and never touch OneFlow. Use 'spawn' if a parent's threads ever
     make fork unsafe.
     """
 
     def __init__(self, dataset, batch_size, rank, world_size, seed=0, num_workers=0, shuffle=True,
-                 flip=True, prefetch=2, start_method="fork"):
+                 flip=True, prefetch=2, start_method="fork", augment=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         if batch_size < 1:
@@ -90,6 +98,7 @@ class ShardedLoader:
         self.seed = int(seed)
         self.num_workers = int(num_workers)
         self.shuffle, self.flip = bool(shuffle), bool(flip)
+        self.augment = augment
         self.prefetch = max(1, int(prefetch))
         self.start_method = start_method
         self.epoch = 0
@@ -99,8 +108,11 @@ class ShardedLoader:
             raise ValueError(f"dataset of {len(dataset)} images is smaller than one global batch "
                              f"({self.batch_size} x {self.world_size} ranks)")
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start_batch=0):
+        """Iterate over ``epoch``'s batches from ``start_batch`` on (a resumed run skips the ones it
+        already trained on without decoding them)."""
         self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
 
     def __len__(self):
         return len(self.dataset) // (self.batch_size * self.world_size)
@@ -116,14 +128,17 @@ class ShardedLoader:
 
     def __iter__(self):
         indices, flips = self.shard_plan()
+        start = getattr(self, "start_batch", 0)
+        indices, flips = indices[start:], flips[start:]
+        stream = (self.seed, self.epoch)
         if self.num_workers == 0:
             for batch_indices, batch_flips in zip(indices, flips):
-                images, labels = load_batch(self.dataset, batch_indices, batch_flips)
+                images, labels = load_batch(self.dataset, batch_indices, batch_flips, self.augment, stream)
                 yield normalize(images), labels
             return
         pool = self._get_pool()
         pending = collections.deque()
-        tasks = iter(zip(indices, flips))
+        tasks = ((i, f, stream) for i, f in zip(indices, flips))
         window = self.num_workers * self.prefetch
         # A bounded window of outstanding batches: Pool.imap would queue the whole epoch and buffer
         # results without limit if training is slower than decoding.
@@ -141,7 +156,8 @@ class ShardedLoader:
     def _get_pool(self):
         if self._pool is None:
             context = multiprocessing.get_context(self.start_method)
-            self._pool = context.Pool(self.num_workers, initializer=_init_worker, initargs=(self.dataset,))
+            self._pool = context.Pool(self.num_workers, initializer=_init_worker,
+                                      initargs=(self.dataset, self.augment))
             # Terminate the workers when the loader is garbage-collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, self._pool.terminate)
         return self._pool

@@ -58,10 +58,13 @@ class RecordDataset:
 
     ``dataset[i]`` returns ``(uint8 HxWx3 RGB array, int label)``. The MXNet reader is opened lazily
     in each process and is never pickled, so the dataset can be sent to loader worker processes.
+    Images must have ``image_size`` (H, W) (default: the `property` file's, if any) unless ``resize``
+    (then PIL bilinear resize to it).
     """
 
-    def __init__(self, root_or_rec_path):
+    def __init__(self, root_or_rec_path, resize=False, image_size=None):
         self.rec_path, self.idx_path, property_path = _resolve_paths(root_or_rec_path)
+        self.resize = resize
         self._reader = None
         self._reader_pid = None
         self._labels = None
@@ -90,6 +93,8 @@ class RecordDataset:
 
         prop = _read_property(property_path)
         self.image_shape = None if prop is None else (prop[1], prop[2], 3)
+        if image_size is not None:
+            self.image_shape = (int(image_size[0]), int(image_size[1]), 3)
         self.num_classes = prop[0] if prop is not None else int(self.labels().max()) + 1
 
     # ----- reading -------------------------------------------------------------------------
@@ -151,15 +156,18 @@ class RecordDataset:
         label = int(label[0]) if np.ndim(label) else int(label)
         try:
             with Image.open(io.BytesIO(payload)) as im:
-                image = np.asarray(im.convert("RGB"))
+                im = im.convert("RGB")
         except Exception as err:  # PIL raises several types for corrupt data
             raise ValueError(f"{self.rec_path}: record {record_id} could not be decoded as an image "
                              f"({type(err).__name__}: {err})") from None
-        expected = self.image_shape  # from `property`; a bare im2rec file has none to hold to
-        if expected is not None and image.shape != tuple(expected):
-            raise ValueError(f"{self.rec_path}: record {record_id} is {image.shape[1]}x{image.shape[0]}, "
-                             f"expected {expected[1]}x{expected[0]} aligned crops (convert with --resize)")
-        return image, label
+        expected = self.image_shape  # a bare im2rec file read without image_size has none to hold to
+        if expected is not None and im.size != (expected[1], expected[0]):
+            if not self.resize:
+                raise ValueError(f"{self.rec_path}: record {record_id} is {im.size[0]}x{im.size[1]}, "
+                                 f"expected {expected[1]}x{expected[0]} aligned crops "
+                                 f"(convert with --resize, or set Data.resize=true)")
+            im = im.resize((expected[1], expected[0]), Image.BILINEAR)
+        return np.asarray(im), label
 
     def labels(self):
         """Class label of every image (int64, dataset order), read from record headers only."""
