@@ -13,6 +13,7 @@ import oneflow as flow
 import oneflow.nn as nn
 from oneflow.nn.graph import GraphModule
 
+from of_face import parallel
 from of_face.models.face_vit import Block as ViTBlock
 from of_face.models.iresnet import IBasicBlock
 from of_face.models.mobilefacenet import Bottleneck
@@ -74,9 +75,21 @@ class EmbedGraph(nn.Graph):
 class GraphStep:
     def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False):
         self.graph = TrainGraph(backbone, head, optimizer, scheduler, amp, checkpointing=checkpointing)
+        self.placement = head.weight.placement  # all ranks
 
     def __call__(self, images, labels):
         return self.graph(images, labels)
+
+    def loss_scale(self):
+        """AMP's current dynamic loss scale, or None without AMP. Collective: every rank calls it.
+
+        The scale is a variable of the compiled job that lives on rank 0 only; it is broadcast.
+        """
+        for name, value in self.graph.state_dict().items():
+            if name.endswith("-LossScale"):
+                value = value.to_global(placement=self.placement, sbp=value.sbp)
+                return float(parallel.to_numpy(value)[0])
+        return None
 
 
 class EagerStep:
@@ -103,6 +116,9 @@ class EagerStep:
         self.optimizer.zero_grad()
         self.scheduler.step()
         return loss
+
+    def loss_scale(self):
+        return None  # no AMP in eager mode
 
     def _fc_state(self):
         """The FC weight and its optimizer state tensors (momentum / Adam moments), copied."""
