@@ -32,7 +32,7 @@ def checkpoint_block_names(backbone):
 class TrainGraph(nn.Graph):
     """backbone -> head -> loss -> backward -> optimizer + LR schedule, compiled as one job."""
 
-    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False):
+    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -51,6 +51,10 @@ class TrainGraph(nn.Graph):
             sparse = self.config.proto.indexed_slices_optimizer_conf
             sparse.enable = True
             sparse.include_op_names.op_name.append("head.weight")
+        if accum_steps > 1:
+            # the batch fed in is accum_steps micro-batches (split per rank along dim 0); OneFlow
+            # averages their gradients (the loss / k) and steps optimizer and LR schedule once
+            self.config.set_gradient_accumulation_steps(accum_steps)
         if amp is not None and amp.enable:
             self.config.enable_amp(True)
             self.set_grad_scaler(flow.amp.GradScaler(init_scale=amp.init_scale, growth_interval=2000))
@@ -73,12 +77,14 @@ class EmbedGraph(nn.Graph):
 
 
 class GraphStep:
-    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False):
-        self.graph = TrainGraph(backbone, head, optimizer, scheduler, amp, checkpointing=checkpointing)
+    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
+        self.graph = TrainGraph(backbone, head, optimizer, scheduler, amp, checkpointing, accum_steps)
         self.placement = head.weight.placement  # all ranks
+        self.accum_steps = accum_steps
 
     def __call__(self, images, labels):
-        return self.graph(images, labels)
+        loss = self.graph(images, labels)
+        return loss.mean() if self.accum_steps > 1 else loss  # one loss per micro-batch
 
     def loss_scale(self):
         """AMP's current dynamic loss scale, or None without AMP. Collective: every rank calls it.
@@ -93,17 +99,21 @@ class GraphStep:
 
 
 class EagerStep:
-    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False):
+    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
         if amp is not None and amp.enable:
             raise NotImplementedError("AMP is available in graph mode only (Global.mode=graph)")
         if checkpointing:
             raise NotImplementedError("activation checkpointing is available in graph mode only (Global.mode=graph)")
         self.backbone, self.head = backbone, head
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.accum_steps = accum_steps
 
     def __call__(self, images, labels):
-        objective, loss = self.head.objective(self.backbone(images), labels)
-        objective.backward()
+        loss = 0.0
+        for x, y in zip(self._micro_batches(images), self._micro_batches(labels)):
+            objective, micro_loss = self.head.objective(self.backbone(x), y)
+            (objective / self.accum_steps).backward()  # gradients add up to the mean over micro-batches
+            loss = loss + micro_loss.detach() / self.accum_steps
         if getattr(self.head, "sparse_update", False):
             kept = self.head.sampled_mask(self.head.last_index).unsqueeze(1) > 0
             before = self._fc_state()
@@ -119,6 +129,13 @@ class EagerStep:
 
     def loss_scale(self):
         return None  # no AMP in eager mode
+
+    def _micro_batches(self, t):
+        """Each rank's shard cut into accum_steps pieces, as the graph's gradient accumulation does."""
+        if self.accum_steps == 1:
+            return [t]
+        pieces = flow.chunk(t.to_local(), self.accum_steps, dim=0)
+        return [p.to_global(placement=t.placement, sbp=t.sbp) for p in pieces]
 
     def _fc_state(self):
         """The FC weight and its optimizer state tensors (momentum / Adam moments), copied."""

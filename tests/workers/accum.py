@@ -1,0 +1,46 @@
+"""Four optimizer steps of a Linear backbone + class-split head with k-step gradient accumulation.
+
+argv: out.json mode accum_steps. Every optimizer step sees the same 16 samples whatever k is
+(k micro-batches of 16/k per step); rank 0 writes the losses and the final weights.
+"""
+import json
+import sys
+
+import numpy as np
+
+import of_face  # noqa: F401
+import oneflow as flow
+from of_face import parallel
+from of_face.config import OptimizerCfg
+from of_face.heads.partial_fc import PartialFC
+from of_face.train.optim import build_optimizer, build_scheduler
+from of_face.train.steps import STEPPERS
+
+out, mode, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+CLASSES, DIM, GLOBAL_BATCH, STEPS = 21, 8, 16, 4
+rng = np.random.default_rng(0)
+linear = flow.nn.Linear(DIM, DIM)
+with flow.no_grad():
+    linear.weight.copy_(flow.tensor(rng.normal(0, 0.3, (DIM, DIM)).astype(np.float32)))
+    linear.bias.zero_()
+backbone = parallel.broadcast_module(linear)
+head = PartialFC(CLASSES, DIM, margin=(1.0, 0.5, 0.0), scale=16.0)
+head.weight = flow.nn.Parameter(parallel.fc_weight(rng.normal(0, 1, (head.padded_classes, DIM)).astype(np.float32)))
+optimizer = build_optimizer(OptimizerCfg(lr=0.2, momentum=0.9, weight_decay=5e-4, clip_grad_norm=0.0),
+                            backbone, head.parameters())
+scheduler = build_scheduler(optimizer, total_steps=STEPS, warmup_steps=2, power=2.0)  # LR differs every step
+step = STEPPERS[mode](backbone, head, optimizer, scheduler, accum_steps=k)
+
+world, r = parallel.world_size(), parallel.rank()
+per_rank, micro = GLOBAL_BATCH // world, GLOBAL_BATCH // world // k
+losses = []
+for _ in range(STEPS):
+    x = rng.standard_normal((GLOBAL_BATCH, DIM)).astype(np.float32)
+    y = rng.integers(0, CLASSES, GLOBAL_BATCH)
+    # rank-major global batch; with k micro-batches rank r's shard is its k pieces back to back
+    loss = step(parallel.batch(x[r * per_rank:(r + 1) * per_rank]), parallel.batch(y[r * per_rank:(r + 1) * per_rank]))
+    losses.append(float(parallel.to_numpy(loss)))
+result = {"losses": losses, "fc": parallel.to_numpy(head.weight).tolist(),
+          "linear": parallel.to_numpy(backbone.weight).tolist()}
+if r == 0:
+    json.dump(result, open(out, "w"))
