@@ -82,6 +82,11 @@ def fc_weight(array, device="auto"):
     return flow.tensor(local).to_global(placement=placement(device), sbp=SBP_FC_WEIGHT)
 
 
+def fc_shard(local_array, device="auto"):
+    """This rank's own slice along classes (numpy) -> global tensor split along classes."""
+    return flow.tensor(local_array).to_global(placement=placement(device), sbp=SBP_FC_WEIGHT)
+
+
 def fc_weight_random(num_rows, dim, std, device="auto"):
     """N(0, std) class centres generated shard by shard, split along classes."""
     return flow.normal(0.0, std, (num_rows, dim), placement=placement(device), sbp=SBP_FC_WEIGHT)

@@ -23,6 +23,11 @@ decoupled decay, which the sparse AdamW update applies to the kept rows. The gat
 weight with broadcast ids yields partial sums, so the kept rows cost one reduce-scatter forward
 and one all-gather of their gradient backward (world*k*dim values each).
 
+The negatives' random scores come from the host (`step_noise`): a numpy generator seeded with
+(seed, step, rank) fills this rank's shard and is fed to the step as an input. Graph and eager
+mode therefore sample the same centres, and a resumed run samples what the uninterrupted one
+would have, with no in-graph random state to save. (Without it, `sample` draws `flow.rand`.)
+
 Classes are padded to a multiple of the world size. Padded centres get a -1e4 logit bias, so
 their softmax probability underflows to exactly 0: they never change the loss nor get a
 gradient. Sampling ranks them last, so they are kept only on a rank with fewer real classes
@@ -43,7 +48,7 @@ PAD_LOGIT = -1e4
 
 class PartialFC(nn.Module):
     def __init__(self, num_classes, embedding_size, margin=(1.0, 0.5, 0.0), scale=64.0,
-                 sample_rate=1.0, device="auto", init_std=0.01, global_batch=0, sparse_update=False):
+                 sample_rate=1.0, device="auto", init_std=0.01, global_batch=0, sparse_update=False, seed=0):
         super().__init__()
         self.num_classes = num_classes
         self.world = parallel.world_size()
@@ -59,6 +64,7 @@ class PartialFC(nn.Module):
         self.row_decay = 0.0  # sparse SGD: decay of kept rows, set with the optimizer (train/optim.py)
         self.last_index = None  # kept local ids [world, k] of the latest step (eager sparse update)
         self.device = device
+        self.seed = seed
         self.weight = nn.Parameter(
             parallel.fc_weight_random(self.padded_classes, embedding_size, init_std, device)
         )
@@ -68,7 +74,17 @@ class PartialFC(nn.Module):
         self.pad_bias = parallel.fc_weight(pad, device) if self.padded_classes > num_classes else None
 
     # ------------------------------------------------------------------ sampling
-    def sample(self, labels):
+    def step_noise(self, step, micro_batches=1):
+        """Uniform scores for this rank's classes at optimizer step `step`: global [C'] split(0).
+
+        With gradient accumulation each micro-batch gets its own row: [micro_batches * C'] laid
+        out per rank, so the graph's accumulation (which cuts each rank's shard) hands one to each.
+        """
+        rng = np.random.default_rng([self.seed, step, parallel.rank()])
+        local = rng.random(micro_batches * self.local_classes, dtype=np.float32)
+        return parallel.fc_shard(local, self.device)
+
+    def sample(self, labels, noise=None):
         """labels [N] broadcast -> (kept index per rank [world, k] split(0), remapped labels [N] broadcast).
 
         Kept index j on rank r is local class idx[r, j], i.e. global class r*local + idx[r, j];
@@ -78,8 +94,9 @@ class PartialFC(nn.Module):
         place = self.weight.placement
         positive = flow.zeros(self.padded_classes, placement=place, sbp=parallel.SBP_GATHERED)
         positive = flow.scatter(positive, 0, labels, flow.ones_like(labels, dtype=flow.float32))
-        score = flow.rand(self.padded_classes, placement=place, sbp=parallel.SBP_FC_WEIGHT)
-        score = score + 2.0 * positive.to_global(sbp=parallel.SBP_FC_WEIGHT)  # positives first
+        if noise is None:
+            noise = flow.rand(self.padded_classes, placement=place, sbp=parallel.SBP_FC_WEIGHT)
+        score = noise + 2.0 * positive.to_global(sbp=parallel.SBP_FC_WEIGHT)  # positives first
         if self.pad_bias is not None:
             score = score + self.pad_bias  # padded classes rank last
         _, index = flow.topk(score.view(world, local), k, dim=1)  # [world, k], local per rank
@@ -126,14 +143,14 @@ class PartialFC(nn.Module):
         return flow.gather(self.pad_bias.view(self.world, self.local_classes), 1, index).view(-1)
 
     # ------------------------------------------------------------------ forward
-    def logits(self, embeddings, labels):
+    def logits(self, embeddings, labels, noise=None):
         """embeddings [N, D] split(0) -> (logits [N, C'] split(1), labels [N] broadcast in C')."""
         embeddings = parallel.gather(embeddings)
         labels = parallel.gather(labels)
         pad_bias = self.pad_bias
         self.penalty = None
         if self.sampling:
-            index, labels = self.sample(labels)
+            index, labels = self.sample(labels, noise)
             self.last_index = index
             weight = self.sparse_rows(index) if self.sparse_update else self.sampled_weight(index)
             pad_bias = self.sampled_pad_bias(index)
@@ -148,12 +165,12 @@ class PartialFC(nn.Module):
             logits = logits + pad_bias
         return logits, labels
 
-    def forward(self, embeddings, labels):
+    def forward(self, embeddings, labels, noise=None):
         """Mean softmax cross-entropy over the global batch (a scalar global tensor)."""
-        return self.objective(embeddings, labels)[1]
+        return self.objective(embeddings, labels, noise)[1]
 
-    def objective(self, embeddings, labels):
+    def objective(self, embeddings, labels, noise=None):
         """(what to differentiate, the reported loss): the loss plus the kept rows' decay penalty."""
-        logits, labels = self.logits(embeddings, labels)
+        logits, labels = self.logits(embeddings, labels, noise)
         loss = flow._C.sparse_softmax_cross_entropy(logits, labels).mean()
         return (loss if self.penalty is None else loss + self.penalty), loss

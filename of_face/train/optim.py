@@ -64,7 +64,7 @@ def build_head_and_optimizer(cfg, backbone, num_classes, global_batch):
     head = PartialFC(
         num_classes, cfg.Model.embedding_size, margin=cfg.Loss.margin, scale=cfg.Loss.scale,
         sample_rate=cfg.Loss.sample_rate, device=cfg.Global.device, global_batch=global_batch,
-        sparse_update=cfg.Optimizer.sparse_fc_update,
+        sparse_update=cfg.Optimizer.sparse_fc_update, seed=cfg.Global.seed,
     )
     fc_options, head.row_decay = sparse_fc_options(cfg.Optimizer) if head.sparse_update else ({}, 0.0)
     return head, build_optimizer(cfg.Optimizer, backbone, head.parameters(), fc_options)

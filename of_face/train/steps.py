@@ -59,8 +59,8 @@ class TrainGraph(nn.Graph):
             self.config.enable_amp(True)
             self.set_grad_scaler(flow.amp.GradScaler(init_scale=amp.init_scale, growth_interval=2000))
 
-    def build(self, images, labels):
-        objective, loss = self.head.objective(self.backbone(images), labels)
+    def build(self, images, labels, noise=None):
+        objective, loss = self.head.objective(self.backbone(images), labels, noise)
         objective.backward()
         return loss
 
@@ -79,11 +79,17 @@ class EmbedGraph(nn.Graph):
 class GraphStep:
     def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
         self.graph = TrainGraph(backbone, head, optimizer, scheduler, amp, checkpointing, accum_steps)
-        self.placement = head.weight.placement  # all ranks
+        self.head, self.placement = head, head.weight.placement  # all ranks
         self.accum_steps = accum_steps
+        self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
 
     def __call__(self, images, labels):
-        loss = self.graph(images, labels)
+        if self.head.sampling:
+            noise = self.head.step_noise(self.steps_done, self.accum_steps)
+            loss = self.graph(images, labels, noise)
+        else:
+            loss = self.graph(images, labels)
+        self.steps_done += 1
         return loss.mean() if self.accum_steps > 1 else loss  # one loss per micro-batch
 
     def loss_scale(self):
@@ -107,11 +113,16 @@ class EagerStep:
         self.backbone, self.head = backbone, head
         self.optimizer, self.scheduler = optimizer, scheduler
         self.accum_steps = accum_steps
+        self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
 
     def __call__(self, images, labels):
         loss = 0.0
-        for x, y in zip(self._micro_batches(images), self._micro_batches(labels)):
-            objective, micro_loss = self.head.objective(self.backbone(x), y)
+        micro = [self._micro_batches(images), self._micro_batches(labels), [None] * self.accum_steps]
+        if self.head.sampling:
+            micro[2] = self._micro_batches(self.head.step_noise(self.steps_done, self.accum_steps))
+        self.steps_done += 1
+        for x, y, noise in zip(*micro):
+            objective, micro_loss = self.head.objective(self.backbone(x), y, noise)
             (objective / self.accum_steps).backward()  # gradients add up to the mean over micro-batches
             loss = loss + micro_loss.detach() / self.accum_steps
         if getattr(self.head, "sparse_update", False):

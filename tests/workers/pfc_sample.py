@@ -1,4 +1,4 @@
-"""PartialFC sampling inside nn.Graph on 2 ranks, and one eager loss/gradient with its sample.
+"""PartialFC sampling (host noise of `step_noise`) inside nn.Graph on 2 ranks, and one eager loss/gradient with its sample.
 
 argv: out.json. Rank 0 writes the kept indices / remapped labels of many steps, and the data of
 one eager step for a numpy reference.
@@ -24,8 +24,8 @@ class SampleGraph(flow.nn.Graph):
         super().__init__()
         self.head = head
 
-    def build(self, labels):
-        return self.head.sample(parallel.gather(labels))
+    def build(self, labels, noise):
+        return self.head.sample(parallel.gather(labels), noise)
 
 
 graph = SampleGraph()
@@ -35,7 +35,7 @@ for step in range(400):
     # positives: two fixed classes on rank 0 plus one random class, so negatives can be counted
     labels = np.array([0, 1, rng.integers(0, CLASSES), 1], np.int64)
     r = parallel.rank()
-    index, remapped = graph(parallel.batch(labels[r * 2:(r + 1) * 2]))
+    index, remapped = graph(parallel.batch(labels[r * 2:(r + 1) * 2]), head.step_noise(step))
     steps.append({"labels": labels.tolist(), "index": parallel.to_numpy(index).tolist(),
                   "remapped": parallel.to_numpy(remapped).tolist()})
 
@@ -44,8 +44,8 @@ recorded = {}
 original = head.sample
 
 
-def recording_sample(labels):
-    index, remapped = original(labels)
+def recording_sample(labels, noise=None):
+    index, remapped = original(labels, noise)
     recorded["index"], recorded["remapped"] = parallel.to_numpy(index), parallel.to_numpy(remapped)
     return index, remapped
 

@@ -1,0 +1,45 @@
+"""20 training steps through the trainer's own builders: PartialFC r=0.5 + SparseMomentum.
+
+argv: out.json mode backbone(iresnet|mlp). Rank 0 writes the losses and the final FC weight.
+"""
+import json
+import sys
+
+import numpy as np
+
+import of_face  # noqa: F401
+import oneflow as flow
+from of_face import parallel
+from of_face.config import load_config
+from of_face.models import build_backbone
+from of_face.train.optim import build_head_and_optimizer, build_scheduler
+from of_face.train.steps import STEPPERS
+
+out, mode, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+CLASSES, STEPS, PER_RANK = 101, 20, 8
+cfg = load_config("configs/default.yaml", [f"Global.mode={mode}", "Loss.sample_rate=0.5", "Model.embedding_size=16",
+                                           "Optimizer.sparse_fc_update=true", "Model.width=4", *sys.argv[4:]])
+flow.manual_seed(0)
+rng = np.random.default_rng(0)
+if kind == "mlp":  # no BatchNorm
+    net = flow.nn.Sequential(flow.nn.Flatten(), flow.nn.Linear(3 * 16 * 16, 32), flow.nn.PReLU(32), flow.nn.Linear(32, 16))
+    size = 16
+else:
+    net, size = build_backbone(cfg.Model), 112
+backbone = parallel.broadcast_module(net)
+head, optimizer = build_head_and_optimizer(cfg, backbone, CLASSES, PER_RANK * parallel.world_size())
+assert head.sparse_update
+scheduler = build_scheduler(optimizer, total_steps=STEPS, warmup_steps=4, power=1.0)
+step = STEPPERS[mode](backbone, head, optimizer, scheduler)
+
+world, r = parallel.world_size(), parallel.rank()
+centres = rng.normal(0, 1, (CLASSES, 3, size, size)).astype(np.float32)
+losses = []
+for _ in range(STEPS):
+    y = rng.integers(0, CLASSES, PER_RANK * world)
+    x = (centres[y] + rng.normal(0, 0.5, (len(y), 3, size, size))).astype(np.float32)
+    s = slice(r * PER_RANK, (r + 1) * PER_RANK)
+    losses.append(float(parallel.to_numpy(step(parallel.batch(x[s]), parallel.batch(y[s])))))
+result = {"losses": losses, "fc": parallel.to_numpy(head.weight).tolist()}
+if r == 0:
+    json.dump(result, open(out, "w"))
