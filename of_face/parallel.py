@@ -57,8 +57,16 @@ def batch(local_array, dtype=None, device="auto"):
     return t.to_global(placement=placement(device), sbp=SBP_BATCH)
 
 
-def gather(t):
-    """Any global tensor -> broadcast (every rank holds the whole tensor)."""
+def gather(t, keep_grad_split=False):
+    """Any global tensor -> broadcast (every rank holds the whole tensor).
+
+    keep_grad_split: the gradient flowing back keeps `t`'s own SBP. Needed where `t` comes out
+    of the backbone (its features, split along the batch): OneFlow 0.9 otherwise returns a
+    broadcast gradient into the backbone's last BatchNorm, whose backward then gives every rank a
+    different "broadcast" gradient that is never all-reduced, and the replicas drift apart.
+    """
+    if keep_grad_split:
+        return t.to_global(sbp=SBP_GATHERED, grad_sbp=t.sbp)
     return t.to_global(sbp=SBP_GATHERED)
 
 

@@ -145,7 +145,7 @@ class PartialFC(nn.Module):
     # ------------------------------------------------------------------ forward
     def logits(self, embeddings, labels, noise=None):
         """embeddings [N, D] split(0) -> (logits [N, C'] split(1), labels [N] broadcast in C')."""
-        embeddings = parallel.gather(embeddings)
+        embeddings = parallel.gather(embeddings, keep_grad_split=True)
         labels = parallel.gather(labels)
         pad_bias = self.pad_bias
         self.penalty = None

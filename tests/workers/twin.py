@@ -1,6 +1,7 @@
 """20 training steps through the trainer's own builders: PartialFC r=0.5 + SparseMomentum.
 
-argv: out.json mode backbone(iresnet|mlp). Rank 0 writes the losses and the final FC weight.
+argv: out.json mode backbone(iresnet|mlp) [overrides]. Rank 0 writes the losses and the final FC
+weight; every rank writes its own copy of the backbone to out.json.rank<r>.npz (replicas must agree).
 """
 import json
 import sys
@@ -16,7 +17,8 @@ from of_face.train.optim import build_head_and_optimizer, build_scheduler
 from of_face.train.steps import STEPPERS
 
 out, mode, kind = sys.argv[1], sys.argv[2], sys.argv[3]
-CLASSES, STEPS, PER_RANK = 101, 20, 8
+CLASSES, PER_RANK = 101, 8
+STEPS = 20 if kind == "mlp" else 6
 cfg = load_config("configs/default.yaml", [f"Global.mode={mode}", "Loss.sample_rate=0.5", "Model.embedding_size=16",
                                            "Optimizer.sparse_fc_update=true", "Model.width=4", *sys.argv[4:]])
 flow.manual_seed(0)
@@ -40,6 +42,7 @@ for _ in range(STEPS):
     x = (centres[y] + rng.normal(0, 0.5, (len(y), 3, size, size))).astype(np.float32)
     s = slice(r * PER_RANK, (r + 1) * PER_RANK)
     losses.append(float(parallel.to_numpy(step(parallel.batch(x[s]), parallel.batch(y[s])))))
+np.savez(f"{out}.rank{r}.npz", **{n: p.to_local().numpy() for n, p in backbone.named_parameters()})
 result = {"losses": losses, "fc": parallel.to_numpy(head.weight).tolist()}
 if r == 0:
     json.dump(result, open(out, "w"))
