@@ -6,6 +6,8 @@
     of-face embed IMG... (--model X.onnx | --checkpoint RUN) [--landmarks F] [--out emb.npy]
     of-face compare A B (--model | --checkpoint) [--threshold T | --calibrate-bin X.bin]
     of-face verify --bin X.bin (--model X.onnx | --checkpoint RUN)   10-fold .bin accuracy
+    of-face plot RUN                        loss.png, lr.png, verification.png from RUN/metrics.csv
+    of-face info RUN                        config highlights, steps done, best accuracy, checkpoints
 
 `of-face <command> -h` describes each command.
 """
@@ -21,6 +23,8 @@ def main(argv=None):
         "embed": "of_face.eval.compare:embed_main",
         "compare": "of_face.eval.compare:compare_main",
         "verify": "of_face.eval.compare:verify_main",
+        "plot": "of_face.report:plot_main",
+        "info": "of_face.report:info_main",
     }
     if not argv or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr)

@@ -93,14 +93,18 @@ class GraphStep:
         return loss.mean() if self.accum_steps > 1 else loss  # one loss per micro-batch
 
     def loss_scale(self):
-        """AMP's current dynamic loss scale, or None without AMP. Collective: every rank calls it.
+        """AMP's current dynamic loss scale on rank 0 (None elsewhere, and without AMP).
 
-        The scale is a variable of the compiled job that lives on rank 0 only; it is broadcast.
+        The live scale is a variable of the compiled job, exposed by `nn.Graph.state_dict()` as
+        `System-Train-DynamicLossScale-<graph>-LossScale`: one element placed on rank 0 only. It is
+        read locally, without communication, so any rank may call this alone.
         """
+        if getattr(self.graph, "_grad_scaler", None) is None:
+            return None
         for name, value in self.graph.state_dict().items():
-            if name.endswith("-LossScale"):
-                value = value.to_global(placement=self.placement, sbp=value.sbp)
-                return float(parallel.to_numpy(value)[0])
+            if name.endswith("-LossScale") and not isinstance(value, dict):
+                local = value.to_local().numpy().reshape(-1)
+                return float(local[0]) if local.size else None
         return None
 
 

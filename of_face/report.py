@@ -1,0 +1,266 @@
+"""`of-face plot RUN` and `of-face info RUN`: plots and a summary of a training run's folder.
+
+A run folder is what the trainer writes to `Global.output_dir`: config.yaml, metrics.csv (see
+`of_face.train.progress` for its columns), backbone.npz and any `ckpt*` checkpoints. Plots are
+loss.png (interval mean and EMA), lr.png and verification.png (accuracy per target), drawn with
+matplotlib's Agg canvas (no display needed) and written to a temp name, then renamed.
+
+Imports neither OneFlow nor pyplot: cheap to run beside a training job.
+"""
+import argparse
+import csv
+import os
+import sys
+
+import numpy as np
+import yaml
+
+from of_face.train.progress import EMA_DECAY, METRICS_FILE
+
+CONFIG_FILE = "config.yaml"
+PLOTS = ("loss", "lr", "verification")
+_INT = ("step", "epoch", "total_steps")
+_FLOAT = ("value", "loss_ema", "lr", "scale", "samples_per_s", "eta_s", "std")
+
+
+class RunError(Exception):
+    """A folder that is not (yet) a usable run; one message naming the folder."""
+
+
+def check_run(out_dir):
+    if not (os.path.isfile(os.path.join(out_dir, CONFIG_FILE)) or os.path.isfile(os.path.join(out_dir, METRICS_FILE))):
+        what = "folder not found" if not os.path.isdir(out_dir) else f"no {CONFIG_FILE} or {METRICS_FILE}"
+        raise RunError(f"{out_dir}: not an of_face run folder ({what})")
+
+
+def read_metrics(path):
+    """metrics.csv rows in file order, numbers parsed (empty cells -> None)."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row = {"kind": raw.get("kind") or ""}
+            for k in _INT:
+                v = raw.get(k)
+                row[k] = int(float(v)) if v not in (None, "") else None
+            for k in _FLOAT:
+                v = raw.get(k)
+                row[k] = float(v) if v not in (None, "") else None
+            rows.append(row)
+    return rows
+
+
+def timeline(rows):
+    """The rows of the latest history: a row at step s replaces every earlier row at a later step
+    and earlier rows of its kind at step s (a resumed or repeated run appends to the same file)."""
+    kept = []
+    for row in rows:
+        s = row["step"]
+        while kept and kept[-1]["step"] > s:
+            kept.pop()
+        i = len(kept)
+        while i and kept[i - 1]["step"] == s:
+            i -= 1
+        kept[i:] = [r for r in kept[i:] if r["kind"] != row["kind"]]
+        kept.append(row)
+    return kept
+
+
+def series(rows):
+    """{name: (steps, values)} of what the plots draw: loss, loss_ema, lr, scale, verify:<target>."""
+    out = {}
+
+    def add(name, step, value):
+        if value is not None:
+            steps, values = out.setdefault(name, ([], []))
+            steps.append(step)
+            values.append(value)
+
+    for r in rows:
+        if r["kind"] == "loss":
+            add("loss", r["step"], r["value"])
+            add("loss_ema", r["step"], r["loss_ema"])
+            add("lr", r["step"], r["lr"])
+            add("scale", r["step"], r["scale"])
+        elif r["kind"].startswith("verify:"):
+            add(r["kind"], r["step"], r["value"])
+    return out
+
+
+def make_figures(data):
+    """matplotlib Figures (Agg canvas) for the series; verification only when there is some."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    def figure(title, ylabel):
+        fig = Figure(figsize=(7, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        return fig, ax
+
+    figs = {}
+    fig, ax = figure("training loss", "loss")
+    if "loss" in data:
+        ax.plot(*data["loss"], marker=".", alpha=0.5, label="mean over log interval")
+    if "loss_ema" in data:
+        ax.plot(*data["loss_ema"], linewidth=2, label=f"EMA (decay {EMA_DECAY}, bias-corrected)")
+    ax.legend(loc="upper right")
+    figs["loss"] = fig
+    fig, ax = figure("learning rate", "lr")
+    if "lr" in data:
+        ax.plot(*data["lr"], label="lr")
+    figs["lr"] = fig
+    targets = sorted(k for k in data if k.startswith("verify:"))
+    if targets:
+        fig, ax = figure("verification accuracy (10-fold)", "accuracy")
+        for k in targets:
+            ax.plot(*data[k], marker="o", label=k.split(":", 1)[1])
+        ax.legend(loc="lower right")
+        figs["verification"] = fig
+    return figs
+
+
+def plot_run(out_dir):
+    """Write <out_dir>/{loss,lr,verification}.png from metrics.csv; returns {name: path}."""
+    check_run(out_dir)
+    path = os.path.join(out_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise RunError(f"{out_dir}: no {METRICS_FILE} yet (nothing logged); nothing to plot")
+    figs = make_figures(series(timeline(read_metrics(path))))
+    written = {}
+    for name, fig in figs.items():
+        dest = os.path.join(out_dir, f"{name}.png")
+        tmp = os.path.join(out_dir, f".{name}.png.tmp{os.getpid()}")
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, dest)
+        written[name] = dest
+    return written
+
+
+# --------------------------------------------------------------------------- info
+
+
+def _size(path):
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def _num_classes(cfg):
+    n = (cfg.get("Loss") or {}).get("num_classes") or 0
+    if n:
+        return str(n)
+    prop = os.path.join(str((cfg.get("Data") or {}).get("root", "")), "property")
+    try:
+        with open(prop) as f:
+            return f"{int(f.read().split(',')[0])} (from {prop})"
+    except (OSError, ValueError):
+        return "from the data set's property file"
+
+
+def summarize(out_dir):
+    """Everything `of-face info` prints, as a dict."""
+    check_run(out_dir)
+    cfg_path, metrics_path = os.path.join(out_dir, CONFIG_FILE), os.path.join(out_dir, METRICS_FILE)
+    cfg = {}
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            cfg = yaml.safe_load(f) or {}
+    rows = timeline(read_metrics(metrics_path)) if os.path.isfile(metrics_path) else []
+    losses = [r for r in rows if r["kind"] == "loss"]
+    best = {}
+    for r in rows:
+        if r["kind"].startswith("verify:") and r["value"] is not None:
+            name = r["kind"].split(":", 1)[1]
+            if name not in best or r["value"] > best[name]["value"]:  # ties: the earliest step
+                best[name] = r
+    ckpts = []
+    for name in sorted(os.listdir(out_dir)):
+        p = os.path.join(out_dir, name)
+        if name == "backbone.npz" or name.startswith("ckpt"):
+            step = None
+            if name.endswith(".npz"):
+                try:
+                    with np.load(p) as f:
+                        step = int(f["__step__"]) if "__step__" in f.files else None
+                except Exception:
+                    pass
+            ckpts.append({"name": name, "bytes": _size(p), "step": step})
+    plots = [f"{n}.png" for n in PLOTS if os.path.isfile(os.path.join(out_dir, f"{n}.png"))]
+    return {"dir": out_dir, "config": cfg, "has_config": bool(cfg), "has_metrics": os.path.isfile(metrics_path),
+            "last": losses[-1] if losses else None, "best": best, "checkpoints": ckpts, "plots": plots}
+
+
+def format_info(s):
+    cfg = s["config"]
+    G, M, L, D = (cfg.get(k) or {} for k in ("Global", "Model", "Loss", "Data"))
+    O, A = cfg.get("Optimizer") or {}, cfg.get("AMP") or {}
+    lines = [f"run: {s['dir']}"]
+    if s["has_config"]:
+        arch = f"layers {M.get('layers')}, " if M.get("layers") else ""
+        lines += [
+            f"model: {M.get('name')} ({arch}width {M.get('width')}, embedding {M.get('embedding_size')})",
+            f"loss: margin {L.get('margin')} (m1, m2, m3), scale {L.get('scale')}, "
+            f"sample rate {L.get('sample_rate')}, classes {_num_classes(cfg)}",
+            f"data: {D.get('dataset')} at {D.get('root')}, batch {D.get('batch_size')} per rank",
+            f"training: {G.get('mode')} mode, AMP {'on (init scale %g)' % A.get('init_scale', 0) if A.get('enable') else 'off'}, "
+            f"{O.get('name')} lr {O.get('lr')}, epochs {G.get('epochs')}"
+            + (f", max_steps {G.get('max_steps')}" if G.get("max_steps") else ""),
+        ]
+    else:
+        lines.append(f"config: no {CONFIG_FILE}")
+    last = s["last"]
+    if last is None:
+        lines.append("steps: none logged yet" if s["has_metrics"] else f"steps: no {METRICS_FILE} yet")
+    else:
+        lines.append(f"steps: {last['step']} / {last['total_steps']} done (epoch {last['epoch']})")
+        ema = f" (EMA {last['loss_ema']:.4f})" if last["loss_ema"] is not None else ""
+        lr = f", lr {last['lr']:.5g}" if last["lr"] is not None else ""
+        lines.append(f"last loss: {last['value']:.4f}{ema} at step {last['step']}{lr}")
+    if s["best"]:
+        for name, r in sorted(s["best"].items()):
+            std = f" ± {r['std']:.4f}" if r["std"] is not None else ""
+            lines.append(f"best verification: {name} accuracy {r['value']:.4f}{std} at step {r['step']}")
+    else:
+        lines.append("best verification: none yet")
+    if s["checkpoints"]:
+        for c in s["checkpoints"]:
+            step = f", step {c['step']}" if c["step"] is not None else ""
+            lines.append(f"checkpoint: {c['name']} ({c['bytes'] / 1e6:.2f} MB{step})")
+    else:
+        lines.append("checkpoints: none")
+    lines.append(f"plots: {', '.join(s['plots'])}" if s["plots"] else "plots: none (run `of-face plot` to write them)")
+    return "\n".join(lines)
+
+
+def _parse(argv, prog, text):
+    p = argparse.ArgumentParser(prog=f"of-face {prog}", description=text)
+    p.add_argument("run_dir", metavar="OUTPUT_DIR", help="a training run's Global.output_dir")
+    return p.parse_args(argv)
+
+
+def plot_main(argv=None):
+    args = _parse(argv, "plot", "Write loss.png, lr.png and verification.png from a run's metrics.csv")
+    try:
+        written = plot_run(args.run_dir)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in written.values():
+        print(path)
+    return 0
+
+
+def info_main(argv=None):
+    args = _parse(argv, "info", "Summarise a training run: config, progress, best verification, checkpoints")
+    try:
+        print(format_info(summarize(args.run_dir)))
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
