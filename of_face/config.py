@@ -30,9 +30,18 @@ class GlobalCfg:
     eval_interval: int = 0  # steps between verifications; 0 = only at the end
     eval_before_training: bool = True  # print the untrained model's accuracy as a baseline
     pretrained: Optional[str] = None
+    # checkpoints (of_face/checkpoint.py): ckpt-<step>.npz in output_dir every save_interval steps
+    # (0 = only at the end) and at the end; the newest keep_checkpoints are kept (0 = all)
+    save_interval: int = 0
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None  # auto (newest complete checkpoint in output_dir, if any) | a ckpt file | a folder
+    max_nonfinite_steps: int = 1  # stop once the loss is NaN/inf for this many consecutive steps
 
     def check(self):
         _choice("Global.mode", self.mode, ("graph", "eager"))
+        _at_least("Global.save_interval", self.save_interval, 0)
+        _at_least("Global.keep_checkpoints", self.keep_checkpoints, 0)
+        _at_least("Global.max_nonfinite_steps", self.max_nonfinite_steps, 1)
         _choice("Global.device", self.device, ("auto", "cpu", "cuda"))
         _at_least("Global.epochs", self.epochs, 1)
         _at_least("Global.max_steps", self.max_steps, 0)
@@ -102,11 +111,16 @@ class LossCfg:
 
 @dataclass
 class DataCfg:
-    dataset: str = "synthetic"  # synthetic | rec
-    root: str = "./data/synthetic"  # folder with train.rec/train.idx/property and the .bin sets
+    dataset: str = "synthetic"  # synthetic | rec | folder (label.txt, else one sub-folder per identity)
+    root: str = "./data/synthetic"  # folder with train.rec/train.idx/property (or the images) and the .bin sets
     batch_size: int = 64  # per rank
     num_workers: int = 0
     flip: bool = True
+    resize: bool = False  # bilinear-resize images that are not 112x112; off: such an image is an error
+    # extra augmentations, all off by default (each sample seeded from seed/epoch/index: see data/augment.py)
+    random_crop: float = 0.0  # crop sides a random share in [1 - x, 1] of the image's, resized back to 112
+    color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1 - x, 1 + x]
+    grayscale_prob: float = 0.0  # probability of turning an image into its luma (R = G = B)
     val_targets: List[str] = field(default_factory=lambda: ["synth_val"])  # <root>/<name>.bin
     # synthetic generator (used when dataset == synthetic)
     synth_identities: int = 200
@@ -116,7 +130,13 @@ class DataCfg:
     synth_difficulty: float = 1.0
 
     def check(self):
-        _choice("Data.dataset", self.dataset, ("synthetic", "rec"))
+        _choice("Data.dataset", self.dataset, ("synthetic", "rec", "folder"))
+        if not 0.0 <= self.random_crop < 1.0:
+            raise ConfigError(f"Data.random_crop: expected a value in [0, 1), got {self.random_crop}")
+        if not 0.0 <= self.color_jitter <= 1.0:
+            raise ConfigError(f"Data.color_jitter: expected a value in [0, 1], got {self.color_jitter}")
+        if not 0.0 <= self.grayscale_prob <= 1.0:
+            raise ConfigError(f"Data.grayscale_prob: expected a value in [0, 1], got {self.grayscale_prob}")
         _at_least("Data.batch_size", self.batch_size, 1)
         _at_least("Data.num_workers", self.num_workers, 0)
         _at_least("Data.synth_identities", self.synth_identities, 2)
@@ -134,6 +154,12 @@ class OptimizerCfg:
     clip_grad_norm: float = 5.0  # global L2 norm bound on the backbone's gradients; 0 = off
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
     no_weight_decay_on_bn_bias: bool = False  # BN/PReLU/bias/position-embedding get no decay
+    # SparseMomentum: with PartialFC (Loss.sample_rate < 1) only the kept class centres and their
+    # optimizer state change in a step; false = dense updates of the whole FC (for comparison)
+    sparse_fc_update: bool = True
+    # gradient accumulation: each optimizer step averages this many micro-batches of
+    # Data.batch_size per rank (the loss / k); the LR schedule steps once per optimizer step
+    accum_steps: int = 1
 
     def check(self):
         _choice("Optimizer.name", self.name, ("sgd", "adamw"))
@@ -147,6 +173,7 @@ class OptimizerCfg:
             raise ConfigError(f"Optimizer.momentum: expected a value in [0, 1), got {self.momentum}")
         if self.weight_decay < 0:
             raise ConfigError(f"Optimizer.weight_decay: expected >= 0, got {self.weight_decay}")
+        _at_least("Optimizer.accum_steps", self.accum_steps, 1)
 
 
 @dataclass
@@ -186,6 +213,15 @@ class Config:
             getattr(self, f.name).check()
         if self.Global.mode == "eager" and self.AMP.enable:
             raise ConfigError("AMP.enable: AMP runs in graph mode only; set Global.mode=graph or AMP.enable=false")
+        if self.AMP.enable and self.Optimizer.sparse_fc_update and self.Loss.sample_rate < 1.0:
+            raise ConfigError(
+                "Optimizer.sparse_fc_update: OneFlow 0.9's sparse update kernels take no loss-scale input, so they "
+                "cannot run under AMP's dynamic grad scaler; set Optimizer.sparse_fc_update=false (dense FC "
+                "updates) or AMP.enable=false")
+        if self.Optimizer.accum_steps > 1 and self.Optimizer.sparse_fc_update and self.Loss.sample_rate < 1.0:
+            raise ConfigError(
+                "Optimizer.accum_steps: sparse FC updates apply one step's sampled rows; with gradient "
+                "accumulation set Optimizer.sparse_fc_update=false")
         if self.Global.mode == "eager" and self.Model.activation_checkpointing:
             raise ConfigError("Model.activation_checkpointing: graph mode only; set Global.mode=graph")
         return self
@@ -272,6 +308,11 @@ def _coerce(key, hint, value):
         return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")

@@ -24,6 +24,19 @@ fi
 ARGS=("$@")
 [[ " $* " == *" -c "* || " $* " == *" --config "* ]] || ARGS=(-c configs/default.yaml "${ARGS[@]}")
 
+# Pre-flight: the master's port must be free on node 0, where OneFlow's control server binds it
+# (a taken port otherwise ends in a C++ stack trace from every process, or a hang).
+if [ "$NODE_RANK" = "0" ]; then
+    if ! "$PY" -c "import socket, sys
+s = socket.socket()
+try:
+    s.bind(('', int(sys.argv[1])))
+except OSError as e:
+    sys.exit(f'error: master port {sys.argv[1]} (MASTER=$MASTER) is already in use ({e.strerror}); '
+             'stop the other run or pick another port, e.g. MASTER=127.0.0.1:12539')" "${MASTER##*:}"; then
+        exit 2
+    fi
+fi
 echo "launching $NPROC process(es) on node $NODE_RANK of $NNODES (master $MASTER)" >&2
 exec "$PY" -m oneflow.distributed.launch \
     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \

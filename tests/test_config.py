@@ -86,3 +86,11 @@ def test_model_zoo_configs_build_and_run_at_reduced_class_count():
         assert tuple(emb.shape) == (2, 512) and np.isfinite(float(parallel.to_numpy(loss))), path
         expected_k = min(1000, max(int(np.ceil(cfg.Loss.sample_rate * 1000)), 0))
         assert head.num_sample == expected_k
+
+
+def test_exponent_floats_without_a_dot_are_floats():
+    """YAML 1.1 reads `1e-3` as a string; a float key still takes it, a non-number still fails."""
+    cfg = load_config("configs/default.yaml", ["Optimizer.lr=1e-3", "Optimizer.weight_decay=5E-4"])
+    assert cfg.Optimizer.lr == 0.001 and cfg.Optimizer.weight_decay == 0.0005
+    with pytest.raises(ConfigError, match="Optimizer.lr"):
+        load_config("configs/default.yaml", ["Optimizer.lr=fast"])

@@ -2,7 +2,6 @@
 
 Runs identically in every process of the launcher's world; only rank 0 prints and writes.
 """
-import csv
 import math
 import os
 import sys
@@ -13,11 +12,12 @@ import oneflow as flow
 
 from of_face import checkpoint, parallel
 from of_face.config import ConfigError, save_config
+from of_face.data.augment import Augment
 from of_face.data.loader import ShardedLoader
 from of_face.data.recordio import RecordDataset
-from of_face.heads.partial_fc import PartialFC
 from of_face.models import build_backbone
-from of_face.train.optim import build_optimizer, build_scheduler, lr_at
+from of_face.train.optim import build_head_and_optimizer, build_scheduler, lr_at
+from of_face.train.progress import Progress
 from of_face.train.steps import STEPPERS
 from of_face.train.verify import Verifier
 
@@ -48,7 +48,18 @@ def prepare_data(cfg):
         parallel.barrier()
     if not os.path.isdir(data.root):
         raise ConfigError(f"Data.root: folder not found: {data.root}")
-    dataset = RecordDataset(data.root)
+    if data.dataset == "folder":
+        from of_face.data.folder import open_image_dataset
+
+        try:  # a bad label.txt line or an empty identity folder: a data-config problem, one message
+            dataset = open_image_dataset(data.root, resize=data.resize)
+        except ValueError as e:
+            raise ConfigError(f"Data.root: {e}") from None
+    else:  # the models take 112x112 crops: hold every record to that, not just to `property`
+        try:  # a cut or mismatched train.rec/.idx/property: one message naming the file
+            dataset = RecordDataset(data.root, resize=data.resize, image_size=(112, 112))
+        except ValueError as e:
+            raise ConfigError(f"Data.root: {e}") from None
     num_classes = cfg.Loss.num_classes or dataset.num_classes
     if cfg.Loss.num_classes and cfg.Loss.num_classes != dataset.num_classes:
         raise ConfigError(
@@ -69,74 +80,114 @@ class Trainer:
         flow.manual_seed(g.seed)  # same seed on every rank: identical broadcast initialisation
         np.random.seed(g.seed)
         self.out_dir = g.output_dir
+        # a checkpoint to continue from (Global.resume): checked before anything is built or written
+        self.resume_path = checkpoint.resolve_resume(g.resume, self.out_dir, log)
+        if g.resume == "auto" and not self.resume_path:
+            log(f"Global.resume=auto: no checkpoint in {self.out_dir}, starting from scratch")
+        if self.resume_path:
+            checkpoint.read_meta(self.resume_path)  # unreadable / cut short: one message, nothing written
         if parallel.rank() == 0:
             os.makedirs(self.out_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.out_dir, "config.yaml"))
+            for name in checkpoint.remove_stale_temporaries(self.out_dir):
+                log(f"removed {name}: a temporary file left by an interrupted run")
 
         self.dataset, self.num_classes = prepare_data(cfg)
-        world = parallel.world_size()
-        self.loader = ShardedLoader(
-            self.dataset, cfg.Data.batch_size, parallel.rank(), world, seed=g.seed,
-            num_workers=cfg.Data.num_workers, flip=cfg.Data.flip,
-        )
+        world, accum = parallel.world_size(), cfg.Optimizer.accum_steps
+        try:
+            self.loader = ShardedLoader(  # one batch = the micro-batches of one optimizer step
+                self.dataset, cfg.Data.batch_size * accum, parallel.rank(), world, seed=g.seed,
+                num_workers=cfg.Data.num_workers, flip=cfg.Data.flip, augment=Augment.from_config(cfg.Data),
+            )
+        except ValueError as e:  # fewer images than one global batch
+            raise ConfigError(f"Data.batch_size={cfg.Data.batch_size}: {e}") from None
         if len(self.loader) == 0:
             raise ConfigError(
                 f"Data.batch_size={cfg.Data.batch_size} x {world} ranks exceeds the {len(self.dataset)} images"
             )
-        self.global_batch = cfg.Data.batch_size * world
+        self.global_batch = cfg.Data.batch_size * world * accum  # samples per optimizer step
         self.total_steps = g.epochs * len(self.loader)
         if g.max_steps:
             self.total_steps = min(self.total_steps, g.max_steps)
         self.warmup_steps = int(cfg.LRScheduler.warmup_epochs * len(self.loader))
 
         self.backbone = build_backbone(cfg.Model)
+        # The backbone's initialisers run on OneFlow's VM thread and draw from the default CPU
+        # generator, from which the global random ops below (FC init, in-graph sampling seeds)
+        # take their seeds on this thread: without waiting here the two race and the FC init
+        # differs from run to run (measured: different first losses for the same seed).
+        flow._oneflow_internal.eager.Sync()
         if g.pretrained:
-            checkpoint.load_backbone(self.backbone, g.pretrained)
+            try:
+                checkpoint.load_backbone(self.backbone, g.pretrained)
+            except ValueError as e:
+                raise ConfigError(f"Global.pretrained: {e}") from None
         self.backbone = parallel.broadcast_module(self.backbone, g.device)
-        self.head = PartialFC(
-            self.num_classes, cfg.Model.embedding_size, margin=cfg.Loss.margin, scale=cfg.Loss.scale,
-            sample_rate=cfg.Loss.sample_rate, device=g.device, global_batch=self.global_batch,
-        )
-        self.optimizer = build_optimizer(cfg.Optimizer, self.backbone, self.head.parameters())
+        self.head, self.optimizer = build_head_and_optimizer(cfg, self.backbone, self.num_classes,
+                                                             cfg.Data.batch_size * world)  # sampled per micro-batch
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.LRScheduler.power)
         self.step_fn = STEPPERS[g.mode](self.backbone, self.head, self.optimizer, self.scheduler, cfg.AMP,
-                                        checkpointing=cfg.Model.activation_checkpointing)
+                                        checkpointing=cfg.Model.activation_checkpointing, accum_steps=accum)
         self.verifier = Verifier(cfg, self.backbone)
         self.metrics_path = os.path.join(self.out_dir, "metrics.csv")
+        self.start = (0, 0, 0)  # (step, epoch, batches of that epoch already done)
+        self.last_checkpoint = self.resume_path  # the newest good state of this run's lineage
+        if self.resume_path:
+            meta = checkpoint.load_checkpoint(self.resume_path, self.backbone, self.head, self.optimizer,
+                                              self.scheduler, self.step_fn)
+            self.start = self._resume_position(meta)
+            log(f"resumed from {self.resume_path}: step {self.start[0]}, epoch {self.start[1]}, "
+                f"batch {self.start[2]} of {len(self.loader)} (saved on {meta['world_size']} rank(s))")
+
+    def _resume_position(self, meta):
+        """Where the data order continues: the same (epoch, batch) when the global batch is the
+        same; otherwise the first batch of the new size with no sample already trained on."""
+        step, epoch, done = int(meta["step"]), int(meta["epoch"]), int(meta["batch_in_epoch"])
+        if meta["global_batch"] != self.global_batch:
+            done = -(-done * meta["global_batch"] // self.global_batch)
+            log(f"note: global batch {meta['global_batch']} -> {self.global_batch}; continuing epoch {epoch} "
+                f"at batch {done} (the LR schedule is recomputed for {self.total_steps} steps)")
+        if done >= len(self.loader):
+            epoch, done = epoch + 1, 0
+        return step, epoch, done
+
+    def save_checkpoint(self, step, epoch, batch_in_epoch):
+        g = self.cfg.Global
+        meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "steps_per_epoch": len(self.loader),
+                "global_batch": self.global_batch, "total_steps": self.total_steps, "mode": g.mode,
+                "config": self.cfg.to_dict()}
+        path = checkpoint.save_checkpoint(self.out_dir, step, self.backbone, self.head, self.optimizer,
+                                          self.scheduler, self.step_fn, meta, keep=g.keep_checkpoints)
+        self.last_checkpoint = path
+        return path
 
     def lr(self, step):
         c = self.cfg
         return lr_at(step, c.Optimizer.lr, self.total_steps, self.warmup_steps, c.LRScheduler.power)
 
     def verify(self, step, label):
-        results = self.verifier.run()
+        with self.progress.paused():  # verification time is not training time (samples/s, ETA)
+            results = self.verifier.run()
         for name, r in results.items():
-            log(f"[verify {label}] step {step} {name}: accuracy {r['accuracy']:.4f} ± {r['std']:.4f}  "
-                f"XNorm {r['xnorm']:.2f}  ({r['pairs']} pairs, unseen identities)")
-            self._write_metrics({"step": step, "kind": f"verify:{name}", "value": r["accuracy"]})
+            self.progress.verification(step, name, r, label)  # prints (rank 0) and appends to metrics.csv
         return results
-
-    def _write_metrics(self, row):
-        if parallel.rank() != 0:
-            return
-        new = not os.path.exists(self.metrics_path)
-        with open(self.metrics_path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "kind", "value"])
-            if new:
-                w.writeheader()
-            w.writerow(row)
 
     def fit(self):
         g = self.cfg.Global
         log(f"training {self.cfg.Model.name} ({g.mode} mode) on {parallel.world_size()} rank(s), "
             f"{len(self.dataset)} images, {self.num_classes} classes, global batch {self.global_batch}, "
             f"{self.total_steps} steps")
-        if g.eval_before_training and self.verifier.targets:
+        step, start_epoch, skip = self.start
+        self.progress = Progress(self.total_steps, self.global_batch, self.out_dir,  # rich bar or plain lines
+                                 start_step=step)
+        if g.eval_before_training and self.verifier.targets and not self.resume_path:
             self.verify(0, "untrained")
-        step, pending, t0, t_start = 0, [], time.time(), time.time()
+        pending, t0, t_start = [], time.time(), time.time()
         losses = []
-        for epoch in range(g.epochs):
-            self.loader.set_epoch(epoch)
+        self._nonfinite = []  # steps of the current run of non-finite losses
+        for epoch in range(start_epoch, g.epochs):
+            batch_in_epoch = skip if epoch == start_epoch else 0
+            self.loader.set_epoch(epoch, batch_in_epoch)
             for images, labels in self.loader:
                 if step >= self.total_steps:
                     break
@@ -144,35 +195,67 @@ class Trainer:
                                     parallel.batch(labels, device=g.device))
                 pending.append(loss)
                 step += 1
+                batch_in_epoch += 1
                 if step % g.log_interval == 0 or step == self.total_steps:
                     values = [float(parallel.to_numpy(l)) for l in pending]
                     self._check_finite(values, step)
                     losses.extend(values)
-                    dt = time.time() - t0
-                    speed = len(pending) * self.global_batch / max(dt, 1e-9)
-                    eta = (self.total_steps - step) * self.global_batch / max(speed, 1e-9)
-                    log(f"step {step}/{self.total_steps}  epoch {epoch}  loss {np.mean(values):.4f}  "
-                        f"lr {self.lr(step - 1):.5f}  {speed:.1f} samples/s  eta {eta:.0f}s")
-                    self._write_metrics({"step": step, "kind": "loss", "value": float(np.mean(values))})
-                    pending, t0 = [], time.time()
+                    scale = self.step_fn.loss_scale()  # AMP's live loss scale (graph mode, rank 0), else None
+                    self.progress.update(step, epoch, values, self.lr(step - 1), scale)
+                    pending = []
+                if g.save_interval and step % g.save_interval == 0 and step < self.total_steps:
+                    self._save_if_finite(step, epoch, batch_in_epoch, pending)
                 if g.eval_interval and step % g.eval_interval == 0 and step < self.total_steps:
                     self.verify(step, "during training")
             if step >= self.total_steps:
                 break
+        if step > self.start[0]:
+            self._save_if_finite(step, epoch, batch_in_epoch, pending)
         results = self.verify(step, "final") if self.verifier.targets else {}
         path = checkpoint.save_backbone(self.backbone, self.out_dir, step)
+        self.progress.close()  # stops the bar; writes loss.png, lr.png, verification.png
         log(f"done: {step} steps in {time.time() - t_start:.0f}s; backbone saved to {path}")
         return {"losses": losses, "verification": results, "steps": step}
 
-    @staticmethod
-    def _check_finite(values, step):
-        if not all(math.isfinite(v) for v in values):
-            raise FloatingPointError(f"non-finite loss at or before step {step}: {values}")
+    def _check_finite(self, values, step):
+        """Count consecutive non-finite step losses (values are those of steps ..step); stop with
+        one message once Global.max_nonfinite_steps of them are in a row."""
+        limit = self.cfg.Global.max_nonfinite_steps
+        for s, v in zip(range(step - len(values) + 1, step + 1), values):
+            if math.isfinite(v):
+                self._nonfinite = []
+                continue
+            self._nonfinite.append(s)
+            if len(self._nonfinite) >= limit:
+                first = self._nonfinite[0]
+                where = f"step {s}" if first == s else f"steps {first}..{s}"
+                good = self.last_checkpoint or "none (no checkpoint was saved)"
+                raise NonFiniteLoss(
+                    f"loss is {v} at {where} ({len(self._nonfinite)} consecutive non-finite step(s), "
+                    f"Global.max_nonfinite_steps={limit}); stopped at step {s}. Last good checkpoint: {good}")
+
+    def _save_if_finite(self, step, epoch, batch_in_epoch, pending):
+        """A checkpoint of the current state, unless a recent loss was not finite (then the
+        previous checkpoints stay the newest: resuming never starts from a diverged state)."""
+        values = [float(parallel.to_numpy(l)) for l in pending]  # already computed: cheap
+        if self._nonfinite or not all(math.isfinite(v) for v in values):
+            log(f"step {step}: not saving a checkpoint, the loss is not finite")
+            return None
+        path = self.save_checkpoint(step, epoch, batch_in_epoch)
+        log(f"step {step}: checkpoint {path}")
+        return path
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: the loss stayed NaN/inf for Global.max_nonfinite_steps steps."""
 
 
 def run(cfg):
     try:
         return Trainer(cfg).fit()
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError) as e:  # bad config, data, checkpoint: nothing trained
         log(f"error: {e}")
         sys.exit(2)
+    except NonFiniteLoss as e:
+        log(f"error: {e}")
+        sys.exit(3)
