@@ -291,10 +291,9 @@ def _replicated(t):
 def _divergent_replicas(sources):
     """{"replica/<key>": [world, ...]} for broadcast tensors whose local copies differ across ranks.
 
-    A broadcast tensor should hold the same value on every rank, but OneFlow 0.9 does not
-    guarantee it: BatchNorm on a batch split over ranks updates its running statistics from
-    each rank's own samples, and on CPU (measured, 2 ranks) even the backbone's parameters
-    drift apart during training. Rank 0's copy alone would then not resume the run exactly,
+    A broadcast tensor should hold the same value on every rank, but BatchNorm on a batch split
+    over ranks updates its running statistics from each rank's own samples (parameters stay
+    equal: tests/test_twin.py checks it). Rank 0's copy alone would then not resume the run exactly,
     so every rank's copy of such a tensor is stored too (found by comparing CRCs; nothing
     extra is written when the replicas agree)."""
     keys = [k for k, t in sources.items() if _replicated(t)]
