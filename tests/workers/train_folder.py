@@ -22,6 +22,7 @@ def recording_step(images, labels):
     return step(images, labels)
 
 
+recording_step.loss_scale = step.loss_scale  # the trainer reads AMP's scale from its stepper
 trainer.step_fn = recording_step
 result = trainer.fit()
 if parallel.rank() == 0:
