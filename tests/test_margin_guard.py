@@ -41,3 +41,13 @@ def test_target_logit_and_gradient_follow_the_guarded_formula(margin):
 
 def test_cosface_needs_no_guard():
     assert CombinedMargin(1.0, 0.0, 0.4).guard_cos is None
+
+
+def test_gradient_stays_finite_at_cos_one():
+    """A memorised sample reaches cos = 1.0 exactly; OneFlow's op alone gives an infinite gradient."""
+    x = flow.tensor([[1.0, 0.2], [0.3, -1.0]], requires_grad=True)
+    out = CombinedMargin(1.0, 0.5, 0.0, scale=64.0)(x, flow.tensor([0, 1]))
+    out.sum().backward()
+    assert np.all(np.isfinite(x.grad.numpy())) and np.all(np.isfinite(out.numpy()))
+    # the clamp moves theta from 0 to ~1.4e-3 there: the logit is within 1e-3 of s*cos(m2)
+    assert out.numpy()[0, 0] == pytest.approx(64.0 * math.cos(0.5), rel=1e-3)

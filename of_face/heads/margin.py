@@ -17,6 +17,10 @@ import math
 import oneflow as flow
 import oneflow.nn as nn
 
+# d cos(m1*theta + m2) / d cos(theta) = m1 * sin(m1*theta + m2) / sin(theta) is infinite at
+# cos = +-1 (OneFlow's op returns inf there, and a memorised sample reaches cos = 1.0 in FP32):
+# the op sees cosines at most 1e-6 away from +-1, where the factor stays below ~400.
+COS_LIMIT = 1.0 - 1e-6
 ARCFACE = (1.0, 0.5, 0.0)
 COSFACE = (1.0, 0.0, 0.4)
 
@@ -31,7 +35,8 @@ class CombinedMargin(nn.Module):
     def forward(self, cosine, labels):
         """cosine [N, C] (may be split along C), labels [N] broadcast -> scaled logits."""
         if (self.m1, self.m2, self.m3) != (1.0, 0.0, 0.0):
-            margin = flow._C.combined_margin_loss(cosine, labels, m1=self.m1, m2=self.m2, m3=self.m3)
+            safe = cosine.clamp(-COS_LIMIT, COS_LIMIT)
+            margin = flow._C.combined_margin_loss(safe, labels, m1=self.m1, m2=self.m2, m3=self.m3)
             if self.guard_cos is not None:
                 target = flow._C.combined_margin_loss(flow.zeros_like(cosine), labels, m1=1.0, m2=0.0, m3=-1.0)
                 past_pi = (target > 0) & (cosine < self.guard_cos)
