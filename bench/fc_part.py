@@ -10,6 +10,7 @@ peak RSS (ru_maxrss). Run each configuration in its own launch: peak RSS only gr
 `bench/fc_part_all.sh` runs the grid of docs/BENCHMARKS.md.
 """
 import json
+import os
 import resource
 import sys
 import time
@@ -27,7 +28,7 @@ from of_face.train.steps import STEPPERS
 classes, rate, sparse = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "1"
 dim = int(sys.argv[4]) if len(sys.argv) > 4 else 512
 batch = int(sys.argv[5]) if len(sys.argv) > 5 else 128  # global
-steps = 3
+steps = int(os.environ.get("FC_STEPS", 3))  # timed steps (after 2 warm-up)
 cfg = OptimizerCfg(lr=0.1, momentum=0.9, weight_decay=5e-4)
 head = PartialFC(classes, dim, margin=(1.0, 0.5, 0.0), scale=64.0, sample_rate=rate, global_batch=batch,
                  sparse_update=sparse)
