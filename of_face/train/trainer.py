@@ -182,7 +182,7 @@ class Trainer:
                                  start_step=step)
         if g.eval_before_training and self.verifier.targets and not self.resume_path:
             self.verify(0, "untrained")
-        pending, t0, t_start = [], time.time(), time.time()
+        pending, t_start = [], time.time()
         losses = []
         self._nonfinite = []  # steps of the current run of non-finite losses
         for epoch in range(start_epoch, g.epochs):
