@@ -1,14 +1,18 @@
-"""Backbone checkpoints: one `.npz` of the state dict, written to a temp name then renamed.
-
-A crash mid-write leaves the previous file intact. Backbone tensors are broadcast, so rank 0's
-local copy is the whole tensor; other ranks write nothing.
+"""Checkpoints: `backbone.npz` (the backbone alone, for export and fine-tuning) and the full
+training checkpoints `ckpt-<step>.npz` (layout below). Both are written by rank 0 to a temporary
+name, then renamed: a crash mid-write leaves the previous file intact.
 """
+import json
 import os
+import random
+import re
+import zlib
 
 import numpy as np
 import oneflow as flow
 
 from of_face import parallel
+from of_face.config import ConfigError
 
 BACKBONE_FILE = "backbone.npz"
 
@@ -18,11 +22,31 @@ def save_backbone(backbone, out_dir, step):
     flow._oneflow_internal.eager.Sync()  # every queued step done (as nn.Graph.state_dict() does)
     state = {k: (v.to_local() if v.is_global else v).numpy() for k, v in backbone.state_dict().items()}
     if parallel.rank() == 0:
-        tmp = os.path.join(out_dir, f".{BACKBONE_FILE}.tmp{os.getpid()}.npz")
-        np.savez(tmp, __step__=np.int64(step), **state)
-        os.replace(tmp, path)
+        _write_npz(path, dict(state, __step__=np.int64(step)))
     parallel.barrier()
     return path
+
+
+def _write_npz(path, arrays):
+    """Write `arrays` to `path` atomically: a synced temporary `.<name>.tmp<pid>`, then a rename."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _mismatch(own, saved):
+    """{name: shape} of the model and of a file -> (missing, unexpected, shape-mismatched) names."""
+    missing = sorted(set(own) - set(saved))
+    extra = sorted(set(saved) - set(own))
+    wrong = [k for k in own if k in saved and tuple(saved[k]) != tuple(own[k])]
+    return missing, extra, wrong
 
 
 def load_backbone(backbone, path):
@@ -34,10 +58,8 @@ def load_backbone(backbone, path):
             state = {k: f[k] for k in f.files if k != "__step__"}
     except Exception as e:  # zipfile/pickle errors of a cut or foreign file
         raise ValueError(f"{path}: not a readable of_face backbone checkpoint ({e})") from None
-    own = backbone.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(own[k].shape) != state[k].shape]
+    missing, extra, wrong = _mismatch({k: v.shape for k, v in backbone.state_dict().items()},
+                                      {k: v.shape for k, v in state.items()})
     if missing or extra or wrong:
         raise ValueError(
             f"{path}: does not match the configured backbone (missing {missing[:3]}, unexpected {extra[:3]}, "
@@ -69,12 +91,6 @@ def load_backbone(backbone, path):
 # incomplete. Loading pads the FC rows to the new world's padded class count and splits them
 # along classes, so a checkpoint resumes on any number of ranks.
 
-import json
-import random
-import re
-import zlib
-
-from of_face.config import ConfigError
 
 CKPT_FORMAT = 1
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.npz$")
@@ -150,7 +166,7 @@ def resolve_resume(value, out_dir, log=None):
 
 
 def remove_stale_temporaries(out_dir):
-    """Delete temp files a killed run left behind (`.ckpt-*.npz.tmp<pid>`, `.backbone.npz.tmp<pid>.npz`,
+    """Delete temp files a killed run left behind (`.ckpt-*.npz.tmp<pid>`, `.backbone.npz.tmp<pid>`,
     `config.yaml.tmp<pid>`); rank 0 only. Returns their names."""
     if parallel.rank() != 0 or not os.path.isdir(out_dir):
         return []
@@ -348,16 +364,7 @@ def save_checkpoint(out_dir, step, backbone, head, optimizer, scheduler, step_fn
         arrays.update(rng)
         arrays["__step__"] = np.int64(step)
         arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        tmp = os.path.join(out_dir, f".{checkpoint_name(step)}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _write_npz(path, arrays)
         if keep > 0:
             for _, old in list_checkpoints(out_dir)[:-keep]:
                 os.remove(old)
@@ -440,9 +447,8 @@ def _check_model(path, data, meta, backbone, head):
     """The checkpoint must be for this backbone and this FC (class count, embedding size)."""
     own = {f"model/backbone.{k}": tuple(v.shape) for k, v in backbone.state_dict().items()}
     saved = {k: tuple(v.shape) for k, v in data.items() if k.startswith("model/backbone.")}
-    missing = sorted(set(own) - set(saved))
-    extra = sorted(set(saved) - set(own))
-    wrong = [f"{k[6:]} {saved[k]} vs {own[k]}" for k in own if k in saved and saved[k] != own[k]]
+    missing, extra, wrong = _mismatch(own, saved)
+    wrong = [f"{k[6:]} {saved[k]} vs {own[k]}" for k in wrong]
     if missing or extra or wrong:
         model = meta.get("config", {}).get("Model", {})
         raise CheckpointError(
