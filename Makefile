@@ -8,4 +8,4 @@ train: setup
 	bash scripts/train_ddp.sh -c configs/default.yaml
 
 test: setup
-	@PY=$$(bash scripts/setup.sh) && $$PY -m pytest tests -q --durations=12
+	@PY=$$(bash scripts/setup.sh) && $$PY scripts/run_tests.py
