@@ -9,6 +9,7 @@ Imports neither OneFlow nor pyplot: cheap to run beside a training job.
 """
 import argparse
 import csv
+import json
 import os
 import sys
 
@@ -163,6 +164,17 @@ def _num_classes(cfg):
         return "from the data set's property file"
 
 
+def _batch(data, optimizer, checkpoints):
+    """'batch B per rank', plus the global batch when a training checkpoint says how many ranks ran."""
+    text, per_rank = f"batch {data.get('batch_size')} per rank", data.get("batch_size")
+    worlds = [c["world_size"] for c in checkpoints if c.get("world_size")]
+    if not worlds or not isinstance(per_rank, int):
+        return text
+    world, accum = worlds[-1], int(optimizer.get("accum_steps") or 1)  # the newest checkpoint's world
+    steps = f" x {accum} micro-batches" if accum > 1 else ""
+    return f"{text} x {world} rank(s){steps} = global batch {per_rank * world * accum}"
+
+
 def summarize(out_dir):
     """Everything `of-face info` prints, as a dict."""
     check_run(out_dir)
@@ -183,14 +195,16 @@ def summarize(out_dir):
     for name in sorted(os.listdir(out_dir)):
         p = os.path.join(out_dir, name)
         if name == "backbone.npz" or name.startswith("ckpt"):
-            step = None
+            step = world = None
             if name.endswith(".npz"):
                 try:
                     with np.load(p) as f:
                         step = int(f["__step__"]) if "__step__" in f.files else None
-                except Exception:
+                        if "__meta__" in f.files:
+                            world = json.loads(bytes(f["__meta__"]).decode()).get("world_size")
+                except Exception:  # a file cut short still gets its line, without the numbers
                     pass
-            ckpts.append({"name": name, "bytes": _size(p), "step": step})
+            ckpts.append({"name": name, "bytes": _size(p), "step": step, "world_size": world})
     plots = [f"{n}.png" for n in PLOTS if os.path.isfile(os.path.join(out_dir, f"{n}.png"))]
     return {"dir": out_dir, "config": cfg, "has_config": bool(cfg), "has_metrics": os.path.isfile(metrics_path),
             "last": losses[-1] if losses else None, "best": best, "checkpoints": ckpts, "plots": plots}
@@ -207,7 +221,7 @@ def format_info(s):
             f"model: {M.get('name')} ({arch}width {M.get('width')}, embedding {M.get('embedding_size')})",
             f"loss: margin {L.get('margin')} (m1, m2, m3), scale {L.get('scale')}, "
             f"sample rate {L.get('sample_rate')}, classes {_num_classes(cfg)}",
-            f"data: {D.get('dataset')} at {D.get('root')}, batch {D.get('batch_size')} per rank",
+            f"data: {D.get('dataset')} at {D.get('root')}, {_batch(D, O, s['checkpoints'])}",
             f"training: {G.get('mode')} mode, AMP {'on (init scale %g)' % A.get('init_scale', 0) if A.get('enable') else 'off'}, "
             f"{O.get('name')} lr {O.get('lr')}, epochs {G.get('epochs')}"
             + (f", max_steps {G.get('max_steps')}" if G.get("max_steps") else ""),

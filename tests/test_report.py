@@ -1,6 +1,7 @@
 """What the user sees while training (progress line, metrics.csv, plots) and `of-face plot/info`."""
 import csv
 import io
+import json
 import subprocess
 import sys
 
@@ -211,8 +212,8 @@ def test_plot_command_writes_pngs_of_the_csv_data(run_dir):
 
 def test_info_command_summarises_the_run(run_dir):
     np.savez(run_dir / "backbone.npz", __step__=np.int64(40), w=np.zeros(3, np.float32))
-    (run_dir / "ckpt-00000040").mkdir()
-    (run_dir / "ckpt-00000040" / "state.npz").write_bytes(b"x" * 1000)
+    meta = np.frombuffer(json.dumps({"step": 40, "world_size": 2}).encode(), np.uint8)
+    np.savez(run_dir / "ckpt-00000040.npz", __step__=np.int64(40), __meta__=meta)
     proc = cli("info", run_dir)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -233,7 +234,7 @@ def test_info_command_summarises_the_run(run_dir):
     assert "last loss: 3.5000 (EMA 3.8000) at step 40" in out
     assert "model: iresnet (layers [1, 1, 1, 1], width 8, embedding 128)" in out
     assert "margin [1.0, 0.0, 0.1]" in out and "scale 16.0" in out and "sample rate 1.0" in out
-    assert "batch 32 per rank" in out and "graph mode, AMP off" in out
+    assert "batch 32 per rank x 2 rank(s) = global batch 64" in out and "graph mode, AMP off" in out
     assert "checkpoint: backbone.npz" in out and "step 40" in out and "checkpoint: ckpt-00000040" in out
     assert "plots: none" in out
     assert cli("plot", run_dir).returncode == 0
@@ -269,3 +270,5 @@ def test_a_short_training_run_leaves_metrics_and_plots(tmp_path):
         assert proc.stdout.count(f"step {r['step']}/4  epoch 0  loss {float(r['value']):.4f}") == 1
     for name in ("loss", "lr", "verification"):
         assert (out / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
+    # the run's own checkpoint tells `of-face info` how many ranks trained: 4 per rank x 2 ranks
+    assert "batch 4 per rank x 2 rank(s) = global batch 8" in cli("info", out).stdout
