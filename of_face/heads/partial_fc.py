@@ -2,8 +2,8 @@
 
 The FC weight [classes, dim] is one global tensor split along classes, so each rank stores and
 updates only its slice; embeddings are all-gathered, and the logits come out split along classes.
-Softmax cross-entropy over class-split logits is OneFlow's `sparse_softmax_cross_entropy`, which
-reduces the max and the sum across ranks itself.
+Softmax cross-entropy over the class-split logits (`class_split_cross_entropy`, at the end) works
+on each rank's columns and all-reduces only [batch] vectors.
 
 PartialFC (sample_rate r < 1): every rank keeps k = ceil(r * local_classes) of its centres per
 step: all positive classes of the global batch, filled with uniformly random negatives. It is
@@ -172,5 +172,30 @@ class PartialFC(nn.Module):
     def objective(self, embeddings, labels, noise=None):
         """(what to differentiate, the reported loss): the loss plus the kept rows' decay penalty."""
         logits, labels = self.logits(embeddings, labels, noise)
-        loss = flow._C.sparse_softmax_cross_entropy(logits, labels).mean()
+        loss = class_split_cross_entropy(logits, labels, self.margin.max_logit)
         return (loss if self.penalty is None else loss + self.penalty), loss
+
+
+# The shift leaves at most e^SHIFT_RANGE per class in the sum (no overflow below ~10^12 classes).
+SHIFT_RANGE = 80.0
+
+
+def class_split_cross_entropy(logits, labels, max_logit):
+    """Mean softmax cross-entropy of logits [N, C] split along C, labels [N] broadcast.
+
+    OneFlow's `sparse_softmax_cross_entropy` on split(1) logits spends most of a CPU step in its
+    row-max machinery (4.1 s of a 100k-class step on 2 ranks, against 0.8 s here), and an exact
+    row max of split logits costs a reshape that re-boxes the whole [N, C]. Here every op is local
+    to the rank's columns except all-reduces of [N] vectors: log-sum-exp is shifted by
+    c = max(target logit, max_logit - 80), detached (the result does not depend on c). Every
+    exp(z - c) is <= e^80, and the target's term is 1 unless c = max_logit - 80, where the other
+    classes' logits (>= -s) keep the sum away from underflow for scales s <= 83.
+    """
+    # 1.0 in each row's label column, on the rank that owns it
+    onehot = flow._C.combined_margin_loss(flow.zeros_like(logits), labels, m1=1.0, m2=0.0, m3=-1.0)
+    target = parallel.gather((logits * onehot).sum(dim=1))  # [N]: partial sums -> all-reduce
+    shift = target.detach().clamp(min=max_logit - SHIFT_RANGE)
+    total = flow.exp(logits - shift.unsqueeze(1)).sum(dim=1)
+    lse = flow.log(parallel.gather(total)) + shift
+    return (lse - target).mean()
+

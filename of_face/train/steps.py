@@ -130,7 +130,7 @@ class EagerStep:
             (objective / self.accum_steps).backward()  # gradients add up to the mean over micro-batches
             loss = loss + micro_loss.detach() / self.accum_steps
         if getattr(self.head, "sparse_update", False):
-            kept = self.head.sampled_mask(self.head.last_index).unsqueeze(1) > 0
+            kept = self.head.sampled_mask(self.head.last_index).unsqueeze(1).to(flow.bool)  # exactly 0/1
             before = self._fc_state()
         for group in self.optimizer.param_groups:  # the graph clips inside its update
             if "clip_grad_max_norm" in group:
