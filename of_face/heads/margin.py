@@ -1,16 +1,18 @@
 """Combined angular margin: logit_y = s * (cos(m1 * theta_y + m2) - m3), others s * cos(theta).
 
-ArcFace = (1, 0.5, 0), CosFace = (1, 0, 0.4), SphereFace-like m1 > 1. The target-class term
-goes through OneFlow's fused `combined_margin_loss` op, which also works on class-split (S(1))
-logits with broadcast labels: each rank adjusts only the columns it owns.
+ArcFace = (1, 0.5, 0), CosFace = (1, 0, 0.4), SphereFace-like m1 > 1. Only one column per row
+changes, so the margin is computed on the [N] target cosines: the label column is marked with
+OneFlow's `combined_margin_loss` op on zeros (on class-split (S(1)) logits each rank marks only
+the columns it owns), a row sum all-reduces the target cosine, and the [N, C] work is two
+multiply-adds. The elementwise margin op over [N, C] with its where-guard cost ~0.4 s of a
+100k-class CPU step (docs/BENCHMARKS.md, P2).
 
 Guard (insightface / arcface_torch convention, `easy_margin=False`), for m1 = 1: once theta + m2
 passes pi, cos(theta + m2) turns back up and would reward a target that moved *away*; there the
 target logit is cos(theta) - m2 * sin(m2) - m3 instead (the first-order expansion of the margin,
 still falling with theta). With m1 != 1 (SphereFace-style) that continuation would jump upward,
-so, like insightface's original combined margin, no guard is applied. OneFlow's op has no such guard, so it is applied here with a `where`
-on the target column, found with the same op (it marks the label column of each row on
-whichever rank owns it). Both branches are differentiated exactly.
+so, like insightface's original combined margin, no guard is applied. Both branches are
+differentiated exactly.
 """
 import math
 
@@ -18,8 +20,8 @@ import oneflow as flow
 import oneflow.nn as nn
 
 # d cos(m1*theta + m2) / d cos(theta) = m1 * sin(m1*theta + m2) / sin(theta) is infinite at
-# cos = +-1 (OneFlow's op returns inf there, and a memorised sample reaches cos = 1.0 in FP32):
-# the op sees cosines at most 1e-6 away from +-1, where the factor stays below ~400.
+# cos = +-1 (inf, and a memorised sample reaches cos = 1.0 in FP32): the margin sees cosines at
+# most 1e-6 away from +-1, where the factor stays below ~400.
 COS_LIMIT = 1.0 - 1e-6
 ARCFACE = (1.0, 0.5, 0.0)
 COSFACE = (1.0, 0.0, 0.4)
@@ -34,18 +36,23 @@ class CombinedMargin(nn.Module):
 
     def forward(self, cosine, labels):
         """cosine [N, C] (may be split along C), labels [N] broadcast -> scaled logits."""
-        if (self.m1, self.m2, self.m3) != (1.0, 0.0, 0.0):
-            safe = cosine.clamp(-COS_LIMIT, COS_LIMIT)
-            margin = flow._C.combined_margin_loss(safe, labels, m1=self.m1, m2=self.m2, m3=self.m3)
-            if self.guard_cos is not None:
-                # 1.0 in each row's label column (on the rank that owns it), 0.0 elsewhere
-                target = flow._C.combined_margin_loss(flow.zeros_like(cosine), labels, m1=1.0, m2=0.0, m3=-1.0)
-                # No comparison with a Python scalar here: on OneFlow 0.9's CPU those run ~200x slower
-                # than tensor-tensor ones (0.8 s each at 128 x 50k, 90% of the whole FC step).
-                past_pi = target.to(flow.bool) & (cosine < flow.full_like(cosine, self.guard_cos))
-                margin = flow.where(past_pi, cosine - (self.m2 * math.sin(self.m2) + self.m3), margin)
-            cosine = margin
-        return cosine * self.scale
+        if (self.m1, self.m2, self.m3) == (1.0, 0.0, 0.0):
+            return cosine * self.scale
+        onehot = label_columns(cosine, labels)
+        t = row_sum(cosine * onehot)  # [N] each row's target cosine, on every rank
+        target = self.target_logit(t)
+        # Only the label column changes: cos + (target - cos) there. Its derivative w.r.t. that
+        # cosine is target'(t), exactly; every other column passes through with derivative 1.
+        return (cosine + onehot * per_row(target - t, cosine)) * self.scale
+
+    def target_logit(self, t):
+        """[N] target cosines -> cos(m1 * theta + m2) - m3, guarded past pi (before the scale)."""
+        theta = flow.acos(t.clamp(-COS_LIMIT, COS_LIMIT))
+        out = flow.cos(self.m1 * theta + self.m2) - self.m3
+        if self.guard_cos is not None:
+            past_pi = t < flow.full_like(t, self.guard_cos)
+            out = flow.where(past_pi, t - (self.m2 * math.sin(self.m2) + self.m3), out)
+        return out
 
     @property
     def max_logit(self):
@@ -54,3 +61,26 @@ class CombinedMargin(nn.Module):
 
     def extra_repr(self):
         return f"m1={self.m1}, m2={self.m2}, m3={self.m3}, s={self.scale}"
+
+
+def label_columns(x, labels):
+    """1.0 at [i, labels[i]] and 0.0 elsewhere, shaped like x [N, C]; on class-split x each rank
+    marks only the label columns it owns (OneFlow's margin op with cos(theta) - (-1) on zeros)."""
+    return flow._C.combined_margin_loss(flow.zeros_like(x), labels, m1=1.0, m2=0.0, m3=-1.0)
+
+
+def row_sum(x):
+    """x [N, C] -> [N], summed over all columns: an all-reduce when x is split along C."""
+    total = x.sum(dim=1)
+    return total.to_global(sbp=flow.sbp.broadcast) if total.is_global else total
+
+
+def per_row(v, like):
+    """v [N] repeated along the columns of like [N, C] (same SBP as like).
+
+    Spelled with broadcast_like because OneFlow 0.9's CPU kernels broadcast an [N, 1] operand
+    against [N, C] element by element: 0.74 s for a multiply at 128 x 50k, against 0.05 s for
+    broadcast_like plus a same-shape multiply.
+    """
+    return flow.broadcast_like(v.unsqueeze(1), like, broadcast_axes=[1])
+

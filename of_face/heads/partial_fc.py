@@ -41,7 +41,7 @@ import oneflow.nn as nn
 import oneflow.nn.functional as F
 
 from of_face import parallel
-from of_face.heads.margin import CombinedMargin
+from of_face.heads.margin import CombinedMargin, per_row
 
 PAD_LOGIT = -1e4
 
@@ -195,7 +195,7 @@ def class_split_cross_entropy(logits, labels, max_logit):
     onehot = flow._C.combined_margin_loss(flow.zeros_like(logits), labels, m1=1.0, m2=0.0, m3=-1.0)
     target = parallel.gather((logits * onehot).sum(dim=1))  # [N]: partial sums -> all-reduce
     shift = target.detach().clamp(min=max_logit - SHIFT_RANGE)
-    total = flow.exp(logits - shift.unsqueeze(1)).sum(dim=1)
+    total = flow.exp(logits - per_row(shift, logits)).sum(dim=1)
     lse = flow.log(parallel.gather(total)) + shift
     return (lse - target).mean()
 
