@@ -50,7 +50,7 @@ class CombinedMargin(nn.Module):
         theta = flow.acos(t.clamp(-COS_LIMIT, COS_LIMIT))
         out = flow.cos(self.m1 * theta + self.m2) - self.m3
         if self.guard_cos is not None:
-            past_pi = t < flow.full_like(t, self.guard_cos)
+            past_pi = t < constant_like(t, self.guard_cos)
             out = flow.where(past_pi, t - (self.m2 * math.sin(self.m2) + self.m3), out)
         return out
 
@@ -66,7 +66,17 @@ class CombinedMargin(nn.Module):
 def label_columns(x, labels):
     """1.0 at [i, labels[i]] and 0.0 elsewhere, shaped like x [N, C]; on class-split x each rank
     marks only the label columns it owns (OneFlow's margin op with cos(theta) - (-1) on zeros)."""
-    return flow._C.combined_margin_loss(flow.zeros_like(x), labels, m1=1.0, m2=0.0, m3=-1.0)
+    return flow._C.combined_margin_loss(constant_like(x, 0.0), labels, m1=1.0, m2=0.0, m3=-1.0)
+
+
+def constant_like(x, value, dtype=None):
+    """A tensor shaped and placed like x (its dtype unless given), filled with value. flow.zeros_like
+    / ones_like / full_like build a module on each call, which nn.Graph reports with a UserWarning
+    in every run's log."""
+    dtype = dtype or x.dtype
+    if x.is_global:
+        return flow._C.global_constant(x.shape, value, dtype=dtype, placement=x.placement, sbp=x.sbp)
+    return flow._C.constant(x.shape, value, dtype=dtype, device=x.device)
 
 
 def row_sum(x):

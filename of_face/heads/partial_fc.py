@@ -41,7 +41,7 @@ import oneflow.nn as nn
 import oneflow.nn.functional as F
 
 from of_face import parallel
-from of_face.heads.margin import CombinedMargin, per_row
+from of_face.heads.margin import CombinedMargin, constant_like, label_columns, per_row
 
 PAD_LOGIT = -1e4
 
@@ -93,7 +93,7 @@ class PartialFC(nn.Module):
         world, local, k = self.world, self.local_classes, self.num_sample
         place = self.weight.placement
         positive = flow.zeros(self.padded_classes, placement=place, sbp=parallel.SBP_GATHERED)
-        positive = flow.scatter(positive, 0, labels, flow.ones_like(labels, dtype=flow.float32))
+        positive = flow.scatter(positive, 0, labels, constant_like(labels, 1.0, flow.float32))
         if noise is None:
             noise = flow.rand(self.padded_classes, placement=place, sbp=parallel.SBP_FC_WEIGHT)
         score = noise + 2.0 * positive.to_global(sbp=parallel.SBP_FC_WEIGHT)  # positives first
@@ -134,7 +134,7 @@ class PartialFC(nn.Module):
     def sampled_mask(self, index):
         """[padded classes] split(0): 1 for the centres kept at `index`, else 0."""
         mask = flow.zeros(self.world, self.local_classes, placement=self.weight.placement, sbp=parallel.SBP_FC_WEIGHT)
-        return flow.scatter(mask, 1, index, flow.ones_like(index, dtype=flow.float32)).view(self.padded_classes)
+        return flow.scatter(mask, 1, index, constant_like(index, 1.0, flow.float32)).view(self.padded_classes)
 
     def sampled_pad_bias(self, index):
         """The -1e4 bias of padded classes, for the kept ones (only when a rank has too few real ones)."""
@@ -192,7 +192,7 @@ def class_split_cross_entropy(logits, labels, max_logit):
     classes' logits (>= -s) keep the sum away from underflow for scales s <= 83.
     """
     # 1.0 in each row's label column, on the rank that owns it
-    onehot = flow._C.combined_margin_loss(flow.zeros_like(logits), labels, m1=1.0, m2=0.0, m3=-1.0)
+    onehot = label_columns(logits, labels)
     target = parallel.gather((logits * onehot).sum(dim=1))  # [N]: partial sums -> all-reduce
     shift = target.detach().clamp(min=max_logit - SHIFT_RANGE)
     total = flow.exp(logits - per_row(shift, logits)).sum(dim=1)
