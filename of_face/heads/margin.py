@@ -19,6 +19,8 @@ import math
 import oneflow as flow
 import oneflow.nn as nn
 
+from of_face import parallel
+
 # d cos(m1*theta + m2) / d cos(theta) = m1 * sin(m1*theta + m2) / sin(theta) is infinite at
 # cos = +-1 (inf, and a memorised sample reaches cos = 1.0 in FP32): the margin sees cosines at
 # most 1e-6 away from +-1, where the factor stays below ~400.
@@ -82,7 +84,7 @@ def constant_like(x, value, dtype=None):
 def row_sum(x):
     """x [N, C] -> [N], summed over all columns: an all-reduce when x is split along C."""
     total = x.sum(dim=1)
-    return total.to_global(sbp=flow.sbp.broadcast) if total.is_global else total
+    return parallel.gather(total) if total.is_global else total
 
 
 def per_row(v, like):

@@ -41,7 +41,7 @@ import oneflow.nn as nn
 import oneflow.nn.functional as F
 
 from of_face import parallel
-from of_face.heads.margin import CombinedMargin, constant_like, label_columns, per_row
+from of_face.heads.margin import CombinedMargin, constant_like, label_columns, per_row, row_sum
 
 PAD_LOGIT = -1e4
 
@@ -193,9 +193,8 @@ def class_split_cross_entropy(logits, labels, max_logit):
     """
     # 1.0 in each row's label column, on the rank that owns it
     onehot = label_columns(logits, labels)
-    target = parallel.gather((logits * onehot).sum(dim=1))  # [N]: partial sums -> all-reduce
+    target = row_sum(logits * onehot)  # [N] each row's target logit, on every rank
     shift = target.detach().clamp(min=max_logit - SHIFT_RANGE)
-    total = flow.exp(logits - per_row(shift, logits)).sum(dim=1)
-    lse = flow.log(parallel.gather(total)) + shift
+    lse = flow.log(row_sum(flow.exp(logits - per_row(shift, logits)))) + shift
     return (lse - target).mean()
 
