@@ -175,3 +175,39 @@ def test_train_step_graph_two_ranks(tmp_path):
     for vit in (results["vit"], results["vit+amp"]):
         assert vit["masked"] == [36] * 8  # global batch of 8, random ops on split(0) tensors
         assert vit["distinct_masks"] == 8  # the two ranks do not draw the same masks
+
+
+# --------------------------------------------------------------------------- training hooks
+
+
+def test_models_declare_todays_training_hooks():
+    """no_weight_decay() / checkpoint_blocks() equal the rules optim.py and steps.py applied
+    before the models declared them (computed here from the block classes and names)."""
+    from of_face.models import checkpoint_blocks, no_weight_decay
+    from of_face.models.face_vit import Block
+    from of_face.models.iresnet import IBasicBlock
+    from of_face.models.mobilefacenet import Bottleneck
+
+    for family, cfg in TINY.items():
+        model = build_backbone(cfg)
+        decay_rule = {n for n, p in model.named_parameters()
+                      if p.dim() <= 1 or any(k in n for k in ("pos_embed", "mask_token"))}
+        block_rule = [n for n, m in model.named_modules() if isinstance(m, (IBasicBlock, Block))
+                      or (isinstance(m, Bottleneck) and m.residual)]
+        assert block_rule, family
+        assert model.no_weight_decay() == no_weight_decay(model) == decay_rule, family
+        assert model.checkpoint_blocks() == checkpoint_blocks(model) == block_rule, family
+    assert {"pos_embed", "mask_token"} <= build_backbone(TINY["vit"]).no_weight_decay()
+    plain = flow.nn.Sequential(flow.nn.Linear(4, 3), flow.nn.BatchNorm1d(3))  # no hooks: generic rule
+    assert no_weight_decay(plain) == {"0.bias", "1.weight", "1.bias"}
+    assert checkpoint_blocks(plain) == []
+
+
+def test_family_rules_checked_by_config_and_build():
+    with pytest.raises(ConfigError, match="Model.name=iresnet needs Model.layers"):
+        ModelCfg(name="iresnet").check()
+    with pytest.raises(ValueError, match="Model.name=iresnet needs Model.layers"):
+        build_backbone(ModelCfg(name="iresnet"))
+    with pytest.raises(ValueError, match="Model.layers: does not apply to vit_t"):
+        build_backbone(ModelCfg(name="vit_t", layers=[1, 1, 1, 1]))
+    assert FAMILY["iresnet"] == "iresnet" and FAMILY["mbf_large"] == "mbf"

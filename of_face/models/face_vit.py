@@ -26,12 +26,16 @@ The random choice is made with oneflow ops (rand -> argsort) on the tokens' own 
 so it also runs inside nn.Graph on global tensors split along the batch.
 
 flowvision 0.2.1's DropPath and trunc_normal_ import fine but are not used: its drop_path asks
-for `x.device`, which global tensors lack, and its exact truncated normal is ~2.5x slower on CPU
+for `x.device`, which global tensors lack, and its exact truncated normal is slower on CPU
 than oneflow's normal-then-clamp. With std .02 and the references' absolute bounds [-2, 2]
 (100 sigma) both are the same distribution, so oneflow's is used.
 """
+from typing import List, Set
+
 import oneflow as flow
 import oneflow.nn as nn
+
+from of_face.models.registry import low_dim_parameters, register_family, register_model
 
 IMG_SIZE, PATCH = 112, 9
 NUM_HEADS, MLP_RATIO = 8, 4
@@ -199,9 +203,34 @@ class FaceViT(nn.Module):
     def forward(self, x):
         return self.forward_with_mask(x)[0]
 
+    def no_weight_decay(self) -> Set[str]:
+        # the position embedding and mask token are embeddings, not weights: decaying them would
+        # pull every token towards the same (zero) position / fill (as timm and arcface_torch)
+        return low_dim_parameters(self) | {"pos_embed", "mask_token"}
 
-def face_vit(name="vit_t", dim=0, depth=0, embedding_size=512, mask_ratio=0.0, drop_path_rate=0.0):
+    def checkpoint_blocks(self) -> List[str]:
+        return [name for name, m in self.named_modules() if isinstance(m, Block)]
+
+
+@register_model(*SIZES, *PLSC_NAMES, family="vit")
+def face_vit(name: str = "vit_t", dim: int = 0, depth: int = 0, embedding_size: int = 512,
+             mask_ratio: float = 0.0, drop_path_rate: float = 0.0) -> FaceViT:
     """A named size; dim / depth > 0 override it (tiny test variants)."""
     named_dim, named_depth = SIZES[PLSC_NAMES.get(name, name)]
     return FaceViT(dim or named_dim, depth or named_depth, embedding_size=embedding_size,
                    mask_ratio=mask_ratio, drop_path_rate=drop_path_rate)
+
+
+def validate(cfg) -> None:
+    if cfg.layers is not None:
+        raise ValueError(f"Model.layers: does not apply to {cfg.name}; use Model.vit_depth")
+    if cfg.vit_dim % NUM_HEADS:
+        raise ValueError(f"Model.vit_dim: must be a multiple of the {NUM_HEADS} attention heads, got {cfg.vit_dim}")
+
+
+def from_cfg(cfg) -> FaceViT:
+    return face_vit(cfg.name, dim=cfg.vit_dim, depth=cfg.vit_depth, embedding_size=cfg.embedding_size,
+                    mask_ratio=cfg.mask_ratio, drop_path_rate=cfg.drop_path_rate)
+
+
+register_family("vit", validate=validate, from_cfg=from_cfg)

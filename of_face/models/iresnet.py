@@ -5,8 +5,12 @@ the shape changes. No activation after the addition (insightface's choice). Head
 BN2d - dropout - Linear(C*7*7 -> embedding) - BatchNorm1d whose scale is frozen at 1.0.
 `width` scales all channels (64 = insightface), so tiny CPU variants share the same code.
 """
+from typing import List, Optional, Sequence, Set
+
 import oneflow as flow
 import oneflow.nn as nn
+
+from of_face.models.registry import low_dim_parameters, register_family, register_model
 
 DEPTHS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 14, 3], 100: [3, 13, 30, 3], 200: [6, 26, 60, 6]}
 BN_EPS = 1e-5
@@ -77,6 +81,32 @@ class IResNet(nn.Module):
         x = self.fc(flow.flatten(x, 1))
         return self.features(x)
 
+    def no_weight_decay(self) -> Set[str]:
+        return low_dim_parameters(self)
 
-def iresnet(depth=None, layers=None, **kwargs):
-    return IResNet(layers if layers is not None else DEPTHS[depth], **kwargs)
+    def checkpoint_blocks(self) -> List[str]:
+        # each basic block is one residual unit: recomputing it needs only its input
+        return [name for name, m in self.named_modules() if isinstance(m, IBasicBlock)]
+
+
+@register_model(*[f"iresnet{d}" for d in DEPTHS], "iresnet", family="iresnet")
+def iresnet(name: str = "iresnet50", layers: Optional[Sequence[int]] = None, **kwargs) -> IResNet:
+    """`iresnet<depth>` (published block counts) or `iresnet` with explicit `layers`."""
+    if layers is None:
+        if name == "iresnet":
+            raise ValueError("Model.name=iresnet needs Model.layers (four block counts)")
+        layers = DEPTHS[int(name[len("iresnet"):])]
+    return IResNet(layers, **kwargs)
+
+
+def validate(cfg) -> None:
+    if cfg.name == "iresnet" and cfg.layers is None:
+        raise ValueError("Model.name=iresnet needs Model.layers (four block counts)")
+
+
+def from_cfg(cfg) -> IResNet:
+    return iresnet(cfg.name, layers=cfg.layers, width=cfg.width, embedding_size=cfg.embedding_size,
+                   dropout=cfg.dropout)
+
+
+register_family("iresnet", validate=validate, from_cfg=from_cfg)

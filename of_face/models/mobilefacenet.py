@@ -16,8 +16,11 @@ Architecture facts (arcface_torch backbones/mobilefacenet.py, itself from cavafa
 `width` (insightface: 64) scales every channel count above, so a tiny CPU variant keeps the same
 topology: trunk width*scale and 2*width*scale, expansions 2/4/8 x width, head 8 x width.
 """
-import oneflow as flow
+from typing import List, Optional, Sequence, Set
+
 import oneflow.nn as nn
+
+from of_face.models.registry import low_dim_parameters, register_family, register_model
 
 BLOCKS = {"mbf": (1, 4, 6, 2), "mbf_large": (2, 8, 12, 4)}
 SCALE = {"mbf": 2, "mbf_large": 4}
@@ -104,8 +107,30 @@ class MobileFaceNet(nn.Module):
         x = self.stage4(self.stage3(self.stage2(self.stem(x))))
         return self.features(self.conv_sep(x))
 
+    def no_weight_decay(self) -> Set[str]:
+        return low_dim_parameters(self)
 
-def mobilefacenet(name="mbf", layers=None, width=64, embedding_size=512):
+    def checkpoint_blocks(self) -> List[str]:
+        # one checkpoint per residual unit, as for IResNet and FaceViT: the residual bottlenecks
+        # of the stride-1 stacks; the three stride-2 downsampling bottlenecks keep their activations
+        return [name for name, m in self.named_modules() if isinstance(m, Bottleneck) and m.residual]
+
+
+@register_model(*BLOCKS, family="mbf")
+def mobilefacenet(name: str = "mbf", layers: Optional[Sequence[int]] = None, width: int = 64,
+                  embedding_size: int = 512) -> MobileFaceNet:
     """`layers` overrides the four block counts of `name`; `scale` always comes from `name`."""
     blocks = tuple(layers) if layers is not None else BLOCKS[name]
     return MobileFaceNet(blocks, SCALE[name], width=width, embedding_size=embedding_size)
+
+
+def validate(cfg) -> None:
+    """Nothing family-specific: every shared field (layers, width) applies to MobileFaceNet."""
+
+
+def from_cfg(cfg) -> MobileFaceNet:
+    # layers: the four block counts; width: the 64-channel base unit (tiny variants)
+    return mobilefacenet(cfg.name, layers=cfg.layers, width=cfg.width, embedding_size=cfg.embedding_size)
+
+
+register_family("mbf", validate=validate, from_cfg=from_cfg)

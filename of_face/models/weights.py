@@ -1,0 +1,52 @@
+"""`backbone.npz`: a backbone's parameters and buffers alone (what export, `of-face embed`, the eval
+tools and `Global.pretrained` read), written atomically by rank 0.
+"""
+import os
+from typing import List, Tuple
+
+import numpy as np
+import oneflow as flow
+
+from of_face import parallel
+from of_face.io import atomic_write
+
+BACKBONE_FILE = "backbone.npz"
+
+
+def save_backbone(backbone: flow.nn.Module, out_dir: str, step: int) -> str:
+    path = os.path.join(out_dir, BACKBONE_FILE)
+    flow._oneflow_internal.eager.Sync()  # every queued step done (as nn.Graph.state_dict() does)
+    state = {k: (v.to_local() if v.is_global else v).numpy() for k, v in backbone.state_dict().items()}
+    if parallel.rank() == 0:
+        with atomic_write(path) as fh:
+            np.savez(fh, **state, __step__=np.int64(step))
+    parallel.barrier()
+    return path
+
+
+def state_mismatch(own: dict, saved: dict) -> Tuple[List[str], List[str], List[str]]:
+    """{name: shape} of the model and of a file -> (missing, unexpected, shape-mismatched) names."""
+    missing = sorted(set(own) - set(saved))
+    extra = sorted(set(saved) - set(own))
+    wrong = [k for k in own if k in saved and tuple(saved[k]) != tuple(own[k])]
+    return missing, extra, wrong
+
+
+def load_backbone(backbone: flow.nn.Module, path: str) -> flow.nn.Module:
+    """Load a saved backbone into a local (not yet placed) module; names a mismatch clearly."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with np.load(path) as f:
+            state = {k: f[k] for k in f.files if k != "__step__"}
+    except Exception as e:  # zipfile/pickle errors of a cut or foreign file
+        raise ValueError(f"{path}: not a readable of_face backbone checkpoint ({e})") from None
+    missing, extra, wrong = state_mismatch({k: v.shape for k, v in backbone.state_dict().items()},
+                                      {k: v.shape for k, v in state.items()})
+    if missing or extra or wrong:
+        raise ValueError(
+            f"{path}: does not match the configured backbone (missing {missing[:3]}, unexpected {extra[:3]}, "
+            f"shape mismatch {wrong[:3]})"
+        )
+    backbone.load_state_dict({k: flow.tensor(v) for k, v in state.items()})
+    return backbone
