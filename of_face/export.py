@@ -1,10 +1,10 @@
 """Export a trained backbone to ONNX (through oneflow-onnx) and check it against OneFlow.
 
-    python -m of_face.export -c OUTPUT_DIR -o model.onnx [--config config.yaml] [--opset 11]
-        [--bake-normalization] [--tolerance 1e-4]
+    of-face export --checkpoint OUTPUT_DIR --out model.onnx [-c config.yaml] [--opset 11]
+        [--bake-normalization] [--tolerance 1e-4]          (or python -m of_face.export ...)
 
-`-c` is a training run's output folder (backbone.npz + config.yaml) or a `backbone.npz` file
-(its config.yaml is read from the same folder unless `--config` names one).
+`--checkpoint` is a training run's output folder (backbone.npz + config.yaml) or a `backbone.npz`
+file (its config.yaml is read from the same folder unless `-c/--config` names one).
 
 The ONNX model holds the backbone only, FP32, input `input` float32 [N, 3, 112, 112] (NCHW, RGB)
 with a dynamic batch N, output `embedding` [N, d] (not L2-normalised). Pixels are normalised
@@ -26,16 +26,16 @@ import argparse
 import os
 import sys
 import tempfile
-import uuid
 
 import numpy as np
 
 import of_face  # noqa: F401  (preloads libraries; must precede oneflow)
 import oneflow as flow
 
-from of_face.checkpoint import BACKBONE_FILE, load_backbone
+from of_face.models.weights import BACKBONE_FILE, load_backbone
 from of_face.config import Config, ModelCfg, load_config
 from of_face.data.loader import normalize
+from of_face.io import atomic_path
 from of_face.models import build_backbone
 from of_face.onnx_surgery import (INPUT_NAME, MEAN, OUTPUT_NAME, STD, ExportError, _rename_value, add_normalization,
                                    fix_converter_output, flow_ops, make_batch_dynamic)
@@ -169,10 +169,9 @@ def export_onnx(run_dir_or_checkpoint, out_path, config=None, opset=11, bake_nor
 
     model, model_cfg, npz = load_model(run_dir_or_checkpoint, config)
     out_path = os.path.abspath(os.fspath(out_path))
-    out_dir = os.path.dirname(out_path)
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_out = os.path.join(out_dir, f".{os.path.basename(out_path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    # written to `.<name>.tmp<pid>`, checked there, renamed into place only if the check passes
+    with atomic_path(out_path) as tmp_out:
         with tempfile.TemporaryDirectory(prefix="of_face_export_") as work:
             graph = EmbedGraph(model)
             example = normalize(_parity_batches([TRACE_BATCH], seed=1)[TRACE_BATCH])
@@ -208,15 +207,10 @@ def export_onnx(run_dir_or_checkpoint, out_path, config=None, opset=11, bake_nor
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value
             onnx.checker.check_model(proto)
-            with open(tmp_out, "xb") as f:
+            with open(tmp_out, "wb") as f:
                 f.write(proto.SerializeToString())
         diffs = check_parity(tmp_out, model, baked=bake_normalization, batch_sizes=batch_for_check,
                              tolerance=tolerance)
-        os.replace(tmp_out, out_path)
-    except BaseException:
-        if os.path.exists(tmp_out):
-            os.unlink(tmp_out)
-        raise
     return {"path": out_path, "max_abs_diff": diffs, "opset": opset, "bake_normalization": bool(bake_normalization),
             "checkpoint": npz, "shape_constants_patched": patched, "embedding_size": model_cfg.embedding_size}
 
@@ -239,9 +233,9 @@ def _quiet(fn, *args, **kwargs):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="of-face export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-c", "--checkpoint", required=True, help="run output folder or backbone.npz")
-    ap.add_argument("-o", "--out", required=True, help="ONNX file to write")
-    ap.add_argument("--config", default=None, help="config.yaml (default: the one next to the checkpoint)")
+    ap.add_argument("--checkpoint", required=True, help="run output folder or backbone.npz")
+    ap.add_argument("--out", required=True, help="ONNX file to write")
+    ap.add_argument("-c", "--config", default=None, help="config.yaml (default: the one next to the checkpoint)")
     ap.add_argument("--opset", type=int, default=11)
     ap.add_argument("--bake-normalization", action="store_true",
                     help="put (x - 127.5) / 127.5 inside the model (input: raw 0..255 RGB floats)")
@@ -249,6 +243,9 @@ def main(argv=None):
                     help="allowed max abs diff ONNX vs OneFlow, times max(1, largest output) (default 1e-4)")
     ap.add_argument("--check-batches", default="1,3,17", help="batch sizes of the parity check")
     ap.add_argument("-v", "--verbose", action="store_true", help="show oneflow-onnx's own output")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-o" in argv:  # the flags of older versions: -c RUN -o OUT.onnx
+        ap.error("-o means a config override in of-face, not an output: use --checkpoint RUN --out OUT.onnx")
     args = ap.parse_args(argv)
     batches = tuple(int(b) for b in args.check_batches.split(",") if b.strip())
     try:

@@ -1,14 +1,12 @@
 """`of-face plot RUN` and `of-face info RUN`: plots and a summary of a training run's folder.
 
 A run folder is what the trainer writes to `Global.output_dir`: config.yaml, metrics.csv (see
-`of_face.train.progress` for its columns), backbone.npz and any `ckpt*` checkpoints. Plots are
-loss.png (interval mean and EMA), lr.png and verification.png (accuracy per target), drawn with
-matplotlib's Agg canvas (no display needed) and written to a temp name, then renamed.
+`of_face.train.metrics` for its columns and for the plots: loss.png, lr.png, verification.png),
+backbone.npz and any `ckpt*` checkpoints.
 
 Imports neither OneFlow nor pyplot: cheap to run beside a training job.
 """
 import argparse
-import csv
 import json
 import os
 import sys
@@ -16,132 +14,9 @@ import sys
 import numpy as np
 import yaml
 
-from of_face.train.progress import EMA_DECAY, METRICS_FILE
-
-CONFIG_FILE = "config.yaml"
-PLOTS = ("loss", "lr", "verification")
-_INT = ("step", "epoch", "total_steps")
-_FLOAT = ("value", "loss_ema", "lr", "scale", "samples_per_s", "eta_s", "std")
-
-
-class RunError(Exception):
-    """A folder that is not (yet) a usable run; one message naming the folder."""
-
-
-def check_run(out_dir):
-    if not (os.path.isfile(os.path.join(out_dir, CONFIG_FILE)) or os.path.isfile(os.path.join(out_dir, METRICS_FILE))):
-        what = "folder not found" if not os.path.isdir(out_dir) else f"no {CONFIG_FILE} or {METRICS_FILE}"
-        raise RunError(f"{out_dir}: not an of_face run folder ({what})")
-
-
-def read_metrics(path):
-    """metrics.csv rows in file order, numbers parsed (empty cells -> None)."""
-    rows = []
-    with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            row = {"kind": raw.get("kind") or ""}
-            for k in _INT:
-                v = raw.get(k)
-                row[k] = int(float(v)) if v not in (None, "") else None
-            for k in _FLOAT:
-                v = raw.get(k)
-                row[k] = float(v) if v not in (None, "") else None
-            rows.append(row)
-    return rows
-
-
-def timeline(rows):
-    """The rows of the latest history: a row at step s replaces every earlier row at a later step
-    and earlier rows of its kind at step s (a resumed or repeated run appends to the same file)."""
-    kept = []
-    for row in rows:
-        s = row["step"]
-        while kept and kept[-1]["step"] > s:
-            kept.pop()
-        i = len(kept)
-        while i and kept[i - 1]["step"] == s:
-            i -= 1
-        kept[i:] = [r for r in kept[i:] if r["kind"] != row["kind"]]
-        kept.append(row)
-    return kept
-
-
-def series(rows):
-    """{name: (steps, values)} of what the plots draw: loss, loss_ema, lr, scale, verify:<target>."""
-    out = {}
-
-    def add(name, step, value):
-        if value is not None:
-            steps, values = out.setdefault(name, ([], []))
-            steps.append(step)
-            values.append(value)
-
-    for r in rows:
-        if r["kind"] == "loss":
-            add("loss", r["step"], r["value"])
-            add("loss_ema", r["step"], r["loss_ema"])
-            add("lr", r["step"], r["lr"])
-            add("scale", r["step"], r["scale"])
-        elif r["kind"].startswith("verify:"):
-            add(r["kind"], r["step"], r["value"])
-    return out
-
-
-def make_figures(data):
-    """matplotlib Figures (Agg canvas) for the series; verification only when there is some."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    def figure(title, ylabel):
-        fig = Figure(figsize=(7, 4), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        return fig, ax
-
-    figs = {}
-    fig, ax = figure("training loss", "loss")
-    if "loss" in data:
-        ax.plot(*data["loss"], marker=".", alpha=0.5, label="mean over log interval")
-    if "loss_ema" in data:
-        ax.plot(*data["loss_ema"], linewidth=2, label=f"EMA (decay {EMA_DECAY}, bias-corrected)")
-    ax.legend(loc="upper right")
-    figs["loss"] = fig
-    fig, ax = figure("learning rate", "lr")
-    if "lr" in data:
-        ax.plot(*data["lr"], label="lr")
-    figs["lr"] = fig
-    targets = sorted(k for k in data if k.startswith("verify:"))
-    if targets:
-        fig, ax = figure("verification accuracy (10-fold)", "accuracy")
-        for k in targets:
-            ax.plot(*data[k], marker="o", label=k.split(":", 1)[1])
-        ax.legend(loc="lower right")
-        figs["verification"] = fig
-    return figs
-
-
-def plot_run(out_dir):
-    """Write <out_dir>/{loss,lr,verification}.png from metrics.csv; returns {name: path}."""
-    check_run(out_dir)
-    path = os.path.join(out_dir, METRICS_FILE)
-    if not os.path.isfile(path):
-        raise RunError(f"{out_dir}: no {METRICS_FILE} yet (nothing logged); nothing to plot")
-    figs = make_figures(series(timeline(read_metrics(path))))
-    written = {}
-    for name, fig in figs.items():
-        dest = os.path.join(out_dir, f"{name}.png")
-        tmp = os.path.join(out_dir, f".{name}.png.tmp{os.getpid()}")
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, dest)
-        written[name] = dest
-    return written
-
+# the metrics schema, readers and plots live with the writer; re-exported here for callers
+from of_face.train.metrics import (CONFIG_FILE, METRICS_FILE, PLOTS, RunError, check_run,  # noqa: F401
+                                   make_figures, plot_run, read_metrics, series, timeline)
 
 # --------------------------------------------------------------------------- info
 
@@ -167,6 +42,13 @@ def _num_classes(cfg):
 def _batch(data, optimizer, checkpoints):
     """'batch B per rank', plus the global batch when a training checkpoint says how many ranks ran."""
     text, per_rank = f"batch {data.get('batch_size')} per rank", data.get("batch_size")
+    plans = [c["batch_plan"] for c in checkpoints if c.get("batch_plan")]
+    if plans:  # the newest checkpoint's BatchPlan (meta["batch_plan"]) when it has one
+        plan = plans[-1]
+        per_rank, world, accum = plan.get("per_rank"), plan.get("world"), int(plan.get("accum_steps") or 1)
+        text = f"batch {per_rank} per rank"
+        steps = f" x {accum} micro-batches" if accum > 1 else ""
+        return f"{text} x {world} rank(s){steps} = global batch {plan.get('step_global')}"
     worlds = [c["world_size"] for c in checkpoints if c.get("world_size")]
     if not worlds or not isinstance(per_rank, int):
         return text
@@ -195,16 +77,18 @@ def summarize(out_dir):
     for name in sorted(os.listdir(out_dir)):
         p = os.path.join(out_dir, name)
         if name == "backbone.npz" or name.startswith("ckpt"):
-            step = world = None
+            step = world = plan = None
             if name.endswith(".npz"):
                 try:
                     with np.load(p) as f:
                         step = int(f["__step__"]) if "__step__" in f.files else None
                         if "__meta__" in f.files:
-                            world = json.loads(bytes(f["__meta__"]).decode()).get("world_size")
+                            meta = json.loads(bytes(f["__meta__"]).decode())
+                            world, plan = meta.get("world_size"), meta.get("batch_plan")
                 except Exception:  # a file cut short still gets its line, without the numbers
                     pass
-            ckpts.append({"name": name, "bytes": _size(p), "step": step, "world_size": world})
+            ckpts.append({"name": name, "bytes": _size(p), "step": step, "world_size": world,
+                          "batch_plan": plan})
     plots = [f"{n}.png" for n in PLOTS if os.path.isfile(os.path.join(out_dir, f"{n}.png"))]
     return {"dir": out_dir, "config": cfg, "has_config": bool(cfg), "has_metrics": os.path.isfile(metrics_path),
             "last": losses[-1] if losses else None, "best": best, "checkpoints": ckpts, "plots": plots}
@@ -213,17 +97,18 @@ def summarize(out_dir):
 def format_info(s):
     cfg = s["config"]
     G, M, L, D = (cfg.get(k) or {} for k in ("Global", "Model", "Loss", "Data"))
-    O, A = cfg.get("Optimizer") or {}, cfg.get("AMP") or {}
+    opt, A = cfg.get("Optimizer") or {}, cfg.get("AMP") or {}
     lines = [f"run: {s['dir']}"]
     if s["has_config"]:
         arch = f"layers {M.get('layers')}, " if M.get("layers") else ""
+        amp = "on (init scale %g)" % A.get("init_scale", 0) if A.get("enable") else "off"
         lines += [
             f"model: {M.get('name')} ({arch}width {M.get('width')}, embedding {M.get('embedding_size')})",
             f"loss: margin {L.get('margin')} (m1, m2, m3), scale {L.get('scale')}, "
             f"sample rate {L.get('sample_rate')}, classes {_num_classes(cfg)}",
-            f"data: {D.get('dataset')} at {D.get('root')}, {_batch(D, O, s['checkpoints'])}",
-            f"training: {G.get('mode')} mode, AMP {'on (init scale %g)' % A.get('init_scale', 0) if A.get('enable') else 'off'}, "
-            f"{O.get('name')} lr {O.get('lr')}, epochs {G.get('epochs')}"
+            f"data: {D.get('dataset')} at {D.get('root')}, {_batch(D, opt, s['checkpoints'])}",
+            f"training: {G.get('mode')} mode, AMP {amp}, "
+            f"{opt.get('name')} lr {opt.get('lr')}, epochs {G.get('epochs')}"
             + (f", max_steps {G.get('max_steps')}" if G.get("max_steps") else ""),
         ]
     else:

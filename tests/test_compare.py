@@ -118,7 +118,8 @@ def test_compare_real_pairs_against_reference(glint, ref, tmp_path, capsys):
 
 
 def test_calibrated_threshold_is_best_accuracy_and_calls_match_labels(glint, ref, tmp_path, capsys):
-    from of_face.eval.verification import evaluate, load_bin
+    from of_face.data.verification_bin import load_bin
+    from of_face.scoring import evaluate
 
     bins, issame = glint
     calib = write_bin(bins, issame, CALIBRATION_PAIRS, tmp_path / "calib.bin")
@@ -234,7 +235,8 @@ def oneflow_unit(model, rgb):
 
 
 def test_checkpoint_verify_and_compare(glint, tiny_run, tmp_path, capsys):
-    from of_face.eval.verification import evaluate, load_bin
+    from of_face.data.verification_bin import load_bin
+    from of_face.scoring import evaluate
 
     run, model = tiny_run
     bins, issame = glint

@@ -178,7 +178,7 @@ def test_rec2images_glint14(tmp_path):
 @pytest.mark.parametrize("flip", [False, True])
 def test_bin2images_small_lfw(tmp_path, flip):
     need(SMALL_LFW)
-    from of_face.eval.verification import load_bin
+    from of_face.data.verification_bin import load_bin
 
     out = tmp_path / "out"
     argv = ["bin2images", "--bin_path", str(SMALL_LFW), "--out_dir", str(out)] + (["--flip_test"] if flip else [])

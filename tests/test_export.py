@@ -15,7 +15,7 @@ import oneflow as flow
 import onnx
 import onnxruntime as ort
 
-from of_face.checkpoint import load_backbone, save_backbone
+from of_face.models.weights import load_backbone, save_backbone
 from of_face.config import load_config, save_config
 from of_face.models import build_backbone
 
@@ -203,7 +203,7 @@ def test_exported_models_embed_like_the_checkpoint(exported):
     import argparse
 
     from of_face.eval.checkpoint_embedder import CheckpointEmbedder
-    from of_face.eval.compare import make_embedder
+    from of_face.eval.embedders import embedder_from_args as make_embedder
 
     images = np.ascontiguousarray(pixels(4, 61).transpose(0, 2, 3, 1))
     want = CheckpointEmbedder(exported["run"])(images)
@@ -235,7 +235,7 @@ def test_corrupted_checkpoint_leaves_no_file(exported, tmp_path):
     # The CLI reports it with a non-zero status and no file either.
     from of_face.export import main
 
-    assert main(["-c", str(bad), "-o", str(out_dir / "cli.onnx")]) == 1
+    assert main(["--checkpoint", str(bad), "--out", str(out_dir / "cli.onnx")]) == 1
     assert list(out_dir.iterdir()) == []
 
 
@@ -254,7 +254,8 @@ OTHER_BACKBONES = {
     # FaceViT needs opset >= 13: OneFlow lowers LayerNorm on CPU to a `var` op that oneflow-onnx
     # converts only from opset 13.
     "face_vit_tiny": (["Model.name=vit_t", "Model.vit_dim=32", "Model.vit_depth=2", "Model.embedding_size=32"], 13),
-    "mobilefacenet_tiny": (["Model.name=mbf", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32"], 11),
+    "mobilefacenet_tiny": (
+        ["Model.name=mbf", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32"], 11),
 }
 
 

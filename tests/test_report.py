@@ -204,7 +204,7 @@ def test_plot_command_writes_pngs_of_the_csv_data(run_dir):
     np.testing.assert_array_equal(loss_lines[0].get_xydata(), np.array(want["loss"]).T)
     np.testing.assert_array_equal(loss_lines[1].get_xydata(), np.array(want["loss_ema"]).T)
     np.testing.assert_array_equal(figs["lr"].axes[0].lines[0].get_xydata(), np.array(want["lr"]).T)
-    by_label = {l.get_label(): l.get_xydata() for l in figs["verification"].axes[0].lines}
+    by_label = {line.get_label(): line.get_xydata() for line in figs["verification"].axes[0].lines}
     assert set(by_label) == {"synth_val", "other"}
     for target in by_label:
         np.testing.assert_array_equal(by_label[target], np.array(want[f"verify:{target}"]).T)
@@ -228,7 +228,7 @@ def test_info_command_summarises_the_run(run_dir):
     assert best == {"synth_val": (0.9412, 20), "other": (0.84, 40)}
     for name, (acc, step) in best.items():
         assert f"best verification: {name} accuracy {acc:.4f}" in out
-        line = next(l for l in out.splitlines() if l.startswith(f"best verification: {name} "))
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"best verification: {name} "))
         assert line.endswith(f"at step {step}")
     assert "steps: 40 / 50 done (epoch 1)" in out
     assert "last loss: 3.5000 (EMA 3.8000) at step 40" in out

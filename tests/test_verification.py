@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from of_face.eval.verification import evaluate, flip_embed, interp_step, load_bin, verify_bin
+from of_face.data.verification_bin import load_bin
+from of_face.eval.verification import verify_bin
+from of_face.scoring import evaluate, flip_embed, interp_step
 
 from conftest import SHARED, need
 

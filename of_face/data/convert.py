@@ -28,6 +28,7 @@ images2rec (the insightface packer layout, readable by ``RecordDataset`` / arcfa
     at the end, so a failure leaves no half-written ``train.rec``.
 """
 import argparse
+import contextlib
 import io
 import os
 import sys
@@ -36,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from of_face.data.verification_bin import entry_bytes, read_bin_entries
+from of_face.io import atomic_path, atomic_write
 
 SIZE = 112
 
@@ -50,10 +54,8 @@ def _is_jpeg(raw):
 
 
 def _atomic_write_bytes(path, data):
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(data)
 
 
 # ----- rec -> images ----------------------------------------------------------------------------
@@ -78,25 +80,15 @@ def rec2images(root_dir, output_dir):
 
 
 # ----- .bin -> images ---------------------------------------------------------------------------
-def _raw_bytes(entry):
-    if isinstance(entry, np.ndarray):
-        return entry.tobytes()
-    if isinstance(entry, str):
-        return entry.encode("latin1")
-    return bytes(entry)
-
-
 def bin2images(bin_path, out_dir, flip_test=False):
     """Unpack a verification .bin to images + pair_label.txt; returns the number of pairs."""
-    from of_face.eval.verification import read_bin_entries
-
     bins, issame = read_bin_entries(bin_path)
     issame = [bool(x) for x in issame]
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     names, flip_names = [], []
     for i, entry in enumerate(bins):
-        raw = _raw_bytes(entry)
+        raw = entry_bytes(entry)
         rel = f"images/{i:08d}{_image_ext(raw)}"
         (out / rel).write_bytes(raw)
         names.append(rel)
@@ -160,10 +152,11 @@ def images2rec(input_dir, output_dir, quality=95, workers=1, keep_jpeg=False, re
     n, num_classes = len(jobs), ds.num_classes
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f".tmp{os.getpid()}"
-    tmp_rec, tmp_idx, tmp_prop = (out / f"train.rec{tag}", out / f"train.idx{tag}", out / f"property{tag}")
-    try:
-        writer = mx.recordio.MXIndexedRecordIO(str(tmp_idx), str(tmp_rec), "w")
+    # one temporary per file (io.atomic_path), renamed into place only when all are complete
+    with contextlib.ExitStack() as stack:
+        tmp_prop, tmp_idx, tmp_rec = (stack.enter_context(atomic_path(out / name))
+                                      for name in ("property", "train.idx", "train.rec"))
+        writer = mx.recordio.MXIndexedRecordIO(tmp_idx, tmp_rec, "w")
         first_range = n + 1
         writer.write_idx(0, mx.recordio.pack(
             mx.recordio.IRHeader(0, [float(first_range), float(first_range + num_classes)], 0, 0), b""))
@@ -186,12 +179,7 @@ def images2rec(input_dir, output_dir, quality=95, workers=1, keep_jpeg=False, re
             key = first_range + c
             writer.write_idx(key, mx.recordio.pack(mx.recordio.IRHeader(0, [float(lo), float(hi)], key, 0), b""))
         writer.close()
-        tmp_prop.write_text(f"{num_classes},{SIZE},{SIZE}\n")
-        for tmp, final in ((tmp_rec, "train.rec"), (tmp_idx, "train.idx"), (tmp_prop, "property")):
-            os.replace(tmp, out / final)
-    finally:
-        for tmp in (tmp_rec, tmp_idx, tmp_prop):
-            tmp.unlink(missing_ok=True)
+        Path(tmp_prop).write_text(f"{num_classes},{SIZE},{SIZE}\n")
     return n, num_classes
 
 

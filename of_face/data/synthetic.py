@@ -15,7 +15,6 @@ import fcntl
 import io
 import json
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -25,6 +24,8 @@ import numpy as np
 from PIL import Image
 
 from of_face.data.synthetic_faces import DIFFICULTY, SIZE, identity_params, render
+from of_face.data.verification_bin import write_bin
+from of_face.io import atomic_path
 
 VERSION = 1  # bump when the drawing (synthetic_faces.py) changes, so that ensure() regenerates stale sets
 # Calibration (10-fold accuracy on synth_val.bin): with these defaults raw-pixel cosine gets 0.705,
@@ -111,8 +112,7 @@ def generate(out_dir, **params):
                         np.random.default_rng([seed, 2, identity]), p["difficulty"])
         for position, image in zip(slots[identity], images):
             bins[position] = _encode(image, p["image_format"])
-    with open(out / "synth_val.bin", "wb") as f:
-        pickle.dump((bins, [same for _, _, same in pairs]), f, protocol=4)
+    write_bin(out / "synth_val.bin", bins, [same for _, _, same in pairs], protocol=4)
 
     summary = dict(version=VERSION, params=p, num_classes=n_train, num_images=n_train * per_id,
                    train_identity_ids=train_ids, val_identity_ids=val_ids,
@@ -150,19 +150,13 @@ def ensure(out_dir, force=False, **params):
             return stamp
         if out.exists() and stamp is None and any(out.iterdir()):
             raise FileExistsError(f"{out} exists and is not a synthetic set (no {STAMP}); not replacing it")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_path(out, sync=False) as tmp:  # `.<name>.tmp<pid>`, removed on any error
+            os.mkdir(tmp)  # the usual folder mode (umask)
             summary = generate(tmp, **p)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; give it the usual folder mode
             if out.exists():  # a stale set (other parameters) or an empty folder: move it aside first
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                 os.rename(out, old / "set")
                 shutil.rmtree(old)
-            os.rename(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

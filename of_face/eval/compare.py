@@ -15,9 +15,11 @@ output for it plus that for its horizontal flip, L2-normalised (the verification
 The threshold is `--threshold`, else the best-accuracy cosine threshold over the pairs of the
 `--calibrate-bin` verification set (embedded with the same model), else DEFAULT_THRESHOLD.
 
-Models: `--model` is an ONNX file (pixels normalised as (x - mean) / std, default 127.5/127.5;
-the shared MobileFaceNet wants `--std 128`); `--checkpoint` is a training run's output folder
-(or its backbone.npz), run with OneFlow and the training normalisation.
+Models (`of_face.eval.embedders`, the same flags for every evaluation command): `--model` is an
+ONNX file (pixels normalised as (x - mean) / std, default 127.5/127.5, raw pixels for an export
+with baked normalisation; the shared MobileFaceNet wants `--std 128`); `--checkpoint` is a
+training run's output folder (or its backbone.npz, with `-c/--config`), run with OneFlow and the
+training normalisation.
 """
 import argparse
 import os
@@ -27,47 +29,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from of_face.data.verification_bin import load_bin
+from of_face.eval.embedders import add_model_args, embedder_from_args
+from of_face.eval.verification import verify_bin
+from of_face.io import atomic_write
+from of_face.scoring import flip_embed, l2_normalize
+
 # Cosine threshold used when neither --threshold nor --calibrate-bin is given. It is the midpoint
 # of the best 10-fold thresholds of the shared MobileFaceNet on glint4_val.bin (squared L2
 # distance 1.41..1.48 between flip-summed unit embeddings, i.e. cosine = 1 - d / 2 = 0.26..0.295).
 # It is model-dependent: calibrate with --calibrate-bin for any other model.
 DEFAULT_THRESHOLD = 0.28
 ALIGNED_SIZE = 112
-
-
-# --------------------------------------------------------------------------- model selection
-
-
-def add_model_args(ap):
-    group = ap.add_mutually_exclusive_group(required=True)
-    group.add_argument("--model", help="ONNX model file")
-    group.add_argument("--checkpoint", help="training run folder (backbone.npz + config.yaml) or a backbone.npz")
-    ap.add_argument("--config", default=None, help="with --checkpoint: config.yaml if not next to it")
-    ap.add_argument("--mean", type=float, default=None,
-                    help="ONNX only: pixel mean (default 127.5; 0 for an of_face export with baked normalisation)")
-    ap.add_argument("--std", type=float, default=None,
-                    help="ONNX only: pixel std (default 127.5; 1 for an of_face export with baked normalisation)")
-    ap.add_argument("--threads", type=int, default=None, help="ONNX only: onnxruntime intra-op threads")
-
-
-def make_embedder(args):
-    """An embed_fn (uint8 RGB [n, 112, 112, 3] -> [n, d]) from --model or --checkpoint."""
-    if getattr(args, "checkpoint", None):
-        from of_face.eval.checkpoint_embedder import CheckpointEmbedder
-
-        return CheckpointEmbedder(args.checkpoint, config=getattr(args, "config", None))
-    from of_face.eval.onnx_embedder import OnnxEmbedder
-
-    embed = OnnxEmbedder(args.model, mean=127.5, std=127.5, threads=getattr(args, "threads", None))
-    # `of_face.export --bake-normalization` records that the model takes raw pixels.
-    meta = embed.session.get_modelmeta().custom_metadata_map
-    if meta.get("normalization", "").startswith("inside"):
-        embed.mean, embed.std = 0.0, 1.0
-    if args.mean is not None:
-        embed.mean = float(args.mean)
-    if args.std is not None:
-        embed.std = float(args.std)
-    return embed
 
 
 # --------------------------------------------------------------------------- images
@@ -108,10 +81,8 @@ def load_face(path, landmarks=None):
 def unit_embeddings(embed_fn, images):
     """Flip-summed, L2-normalised embeddings of uint8 RGB images [n, 112, 112, 3] -> float32 [n, d]."""
     images = np.asarray(images)
-    feats = np.asarray(embed_fn(images), dtype=np.float64)
-    feats = feats + np.asarray(embed_fn(np.ascontiguousarray(images[:, :, ::-1])), dtype=np.float64)
-    feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-    return feats.astype(np.float32)
+    feats = flip_embed(embed_fn, images, batch_size=max(len(images), 1), dedupe=False, dtype=np.float64)
+    return l2_normalize(feats).astype(np.float32)
 
 
 def embed_files(paths, embed_fn, landmarks=None, batch_size=64):
@@ -145,30 +116,14 @@ def best_cosine_threshold(cosines, issame):
 
 def calibrate_on_bin(path, embed_fn, batch_size=64):
     """Best-accuracy cosine threshold over all pairs of a verification .bin: (t, accuracy, pairs)."""
-    from of_face.eval.verification import flip_embed, load_bin
-
     images, issame = load_bin(path)
-    emb = flip_embed(embed_fn, images, batch_size=batch_size).astype(np.float64)
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    emb = l2_normalize(flip_embed(embed_fn, images, batch_size=batch_size).astype(np.float64))
     cos = np.sum(emb[0::2] * emb[1::2], axis=1)
     t, acc = best_cosine_threshold(cos, issame)
     return t, acc, len(issame)
 
 
 # --------------------------------------------------------------------------- commands
-
-
-def _atomic_save(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def names_path(out_npy):
@@ -189,14 +144,17 @@ def embed_main(argv=None):
     args = ap.parse_args(argv)
     try:
         landmarks = read_landmarks(args.landmarks) if args.landmarks else None
-        emb = embed_files(args.images, make_embedder(args), landmarks, args.batch_size)
+        emb = embed_files(args.images, embedder_from_args(args), landmarks, args.batch_size)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"embed: {e}", file=sys.stderr)
         return 1
     if args.out:
         out = args.out if args.out.endswith(".npy") else args.out + ".npy"
-        _atomic_save(out, lambda f: np.save(f, emb))
-        _atomic_save(names_path(out), lambda f: f.write("".join(f"{p}\n" for p in args.images).encode()))
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out) as f:
+            np.save(f, emb)
+        with atomic_write(names_path(out)) as f:
+            f.write("".join(f"{p}\n" for p in args.images).encode())
         print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {out} (names: {names_path(out)})")
     else:
         cos = emb @ emb.T
@@ -219,7 +177,7 @@ def compare_main(argv=None):
     args = ap.parse_args(argv)
     try:
         landmarks = read_landmarks(args.landmarks) if args.landmarks else None
-        embed = make_embedder(args)
+        embed = embedder_from_args(args)
         emb = embed_files([args.a, args.b], embed, landmarks)
         if args.threshold is not None:
             threshold, source = args.threshold, "given"
@@ -240,8 +198,6 @@ def compare_main(argv=None):
 
 def verify_main(argv=None, prog="of-face verify"):
     """1:1 verification accuracy on .bin files (insightface protocol), ONNX model or checkpoint."""
-    from of_face.eval.verification import verify_bin
-
     ap = argparse.ArgumentParser(
         prog=prog,
         description="10-fold verification accuracy on insightface .bin pair files.\n\n"
@@ -251,7 +207,7 @@ def verify_main(argv=None, prog="of-face verify"):
     ap.add_argument("--bin", action="append", required=True, help="a .bin file (repeatable)")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
-    embed = make_embedder(args)
+    embed = embedder_from_args(args)
     for path in args.bin:
         r = verify_bin(path, embed, batch_size=args.batch_size)
         # XNorm as insightface logs it: mean norm of single (not flip-summed) embeddings.

@@ -6,9 +6,10 @@ Pipeline: 5-point alignment -> (image + flip) embedding -> optional per-image L2
 and faceness weighting -> template = sum over media of the mean over that media's images ->
 L2 normalise -> cosine per pair -> ROC -> TAR at FAR 1e-6 .. 1e-1.
 """
+import argparse
 import os
+import sys
 import time
-import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,9 @@ from PIL import Image
 from sklearn.metrics import auc, roc_curve
 
 from of_face.eval.align import align_face
-from of_face.eval.verification import interp_step
+from of_face.eval.embedders import add_model_args, embedder_from_args
+from of_face.io import atomic_write
+from of_face.scoring import flip_embed, interp_step
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -96,9 +99,10 @@ def embed_images(paths, landmarks, embed_fn, batch_size=64, use_flip_test=True, 
             batch = np.stack([img for img, _ in done])
             prep_cpu += sum(dt for _, dt in done)
             t = time.perf_counter()
-            f = np.asarray(embed_fn(batch), dtype=np.float64)
             if use_flip_test:
-                f = f + np.asarray(embed_fn(np.ascontiguousarray(batch[:, :, ::-1])), dtype=np.float64)
+                f = flip_embed(embed_fn, batch, batch_size=len(batch), dedupe=False, dtype=np.float64)
+            else:
+                f = np.asarray(embed_fn(batch), dtype=np.float64)
             infer += time.perf_counter() - t
             feats.append(f)
     timing = {"preprocess_s": prep_cpu, "preprocess_wait_s": wait, "inference_s": infer,
@@ -187,18 +191,6 @@ def format_table(result):
     return "\n".join(rows)
 
 
-def _atomic_write(path, write):
-    """Write a temp file in the same folder, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # plain open: permissions follow the umask
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_results(result, result_dir):
     """scores.npy, roc.png and table.md under result_dir."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or GUI state
@@ -206,8 +198,10 @@ def save_results(result, result_dir):
 
     out = Path(result_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "scores.npy", lambda f: np.save(f, result["scores"]))
-    _atomic_write(out / "table.md", lambda f: f.write((format_table(result) + "\n").encode()))
+    with atomic_write(out / "scores.npy") as f:
+        np.save(f, result["scores"])
+    with atomic_write(out / "table.md") as f:
+        f.write((format_table(result) + "\n").encode())
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
     ax.plot(np.maximum(result["fpr"], 1e-7), result["tpr"], lw=1.5,
@@ -219,4 +213,52 @@ def save_results(result, result_dir):
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="both", linestyle=":", linewidth=0.5)
     ax.legend(loc="lower right")
-    _atomic_write(out / "roc.png", lambda f: fig.savefig(f, format="png", dpi=120))
+    with atomic_write(out / "roc.png") as f:
+        fig.savefig(f, format="png", dpi=120)
+
+
+MAIN_DOC = """IJB-B / IJB-C 1:1 verification of a face model (ONNX file or training checkpoint).
+
+    of-face ijbc --model model.onnx --image-path /data/IJB_release/IJBC --target IJBC \\
+        [--batch-size 64] [--result-dir out/] [--mean 127.5 --std 127.5]
+    of-face ijbc --checkpoint OUTPUT_DIR --image-path /data/IJB_release/IJBC --target IJBC
+
+--model (alias --model-root, insightface's name) is an ONNX file, pixels normalised as
+(x - mean) / std (default 127.5 / 127.5, raw pixels for an of_face export with baked
+normalisation; the shared MobileFaceNet wants --std 128). --checkpoint takes a training run's
+output folder (backbone.npz + config.yaml, or -c/--config) and runs the backbone with OneFlow in
+eval mode and the training normalisation (--mean/--std and --threads apply to ONNX models only).
+
+Prints the TAR@FAR table and timings; with --result-dir also writes scores.npy, roc.png, table.md.
+"""
+
+
+def main(argv=None, prog: str = "of-face ijbc") -> int:
+    """`of-face ijbc` / eval/ijbc.py: the TAR@FAR table (and files with --result-dir) of one model."""
+    ap = argparse.ArgumentParser(prog=prog, description=MAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
+    ap.add_argument("--image-path", required=True, help="folder holding meta/ and loose_crop/")
+    ap.add_argument("--target", default="IJBC", choices=["IJBC", "IJBB"])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--result-dir", "--out", dest="result_dir", default=None,
+                    help="write scores.npy, roc.png, table.md to this folder")
+    ap.add_argument("--workers", type=int, default=None, help="image decode/align threads")
+    ap.add_argument("--no-norm-score", action="store_true", help="L2-normalise each image feature (N0)")
+    ap.add_argument("--no-detector-score", action="store_true", help="ignore faceness scores (D0)")
+    ap.add_argument("--no-flip", action="store_true", help="no flipped-image feature (F0)")
+    args = ap.parse_args(argv)
+    result = evaluate_ijb(args.image_path, embedder_from_args(args), target=args.target, batch_size=args.batch_size,
+                          use_norm_score=not args.no_norm_score, use_detector_score=not args.no_detector_score,
+                          use_flip_test=not args.no_flip, workers=args.workers, result_dir=args.result_dir)
+    print(format_table(result))
+    t = result["timing"]
+    print(f"images {t['images']}: preprocessing {t['preprocess_s']:.1f} s (thread time, "
+          f"{t['preprocess_wait_s']:.1f} s not overlapped), inference {t['inference_s']:.1f} s, "
+          f"scoring {t['scoring_s']:.2f} s ({t['pairs_per_s']:,.0f} pairs/s)")
+    if args.result_dir:
+        print(f"wrote scores.npy, roc.png, table.md to {args.result_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,25 +15,19 @@ Smoothed loss: a bias-corrected exponential moving average over the per-step los
 (Adam's bias correction: the first values are not pulled towards 0). `loss` in the plain line
 and the CSV's `value` is the plain mean of the interval's step losses.
 
-metrics.csv is an append-only log, one row per log interval (kind `loss`) and per verification
-(kind `verify:<target>`); columns `FIELDS` (an older `step,kind,value` file is rewritten once
-with the wider header, rows kept). A resumed or repeated run appends to the same file;
-readers (`of_face.report.timeline`) let a later row replace earlier rows at later steps.
+metrics.csv: one row per log interval (kind `loss`) and per verification (kind
+`verify:<target>`); its schema, writer, readers and the plots are in `of_face.train.metrics`.
 Samples/s and ETA exclude time spent inside `paused()` (the trainer wraps verification in it).
 """
 import atexit
 import contextlib
-import csv
 import math
 import os
 import sys
 import time
 
-METRICS_FILE = "metrics.csv"
-# step, kind, value come first and mean what they always meant (older readers keep working)
-FIELDS = ["step", "kind", "value", "epoch", "loss_ema", "lr", "scale", "samples_per_s", "eta_s",
-          "total_steps", "std"]
-EMA_DECAY = 0.9
+from of_face.train.metrics import FIELDS  # noqa: F401  (re-exported: the CSV columns)
+from of_face.train.metrics import EMA_DECAY, METRICS_FILE, MetricsCSV, plot_run
 
 
 class EMA:
@@ -103,32 +97,6 @@ def _rich_display(stream):
         TextColumn("elapsed"), TimeElapsedColumn(), console=Console(file=stream, force_terminal=True),
         redirect_stdout=stream is sys.stdout, redirect_stderr=False,
     )
-
-
-class MetricsCSV:
-    """Append rows to `path` with the `FIELDS` header; an older narrower file is widened once."""
-
-    def __init__(self, path):
-        self.path = path
-        if os.path.isfile(path) and os.path.getsize(path) > 0:
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                header, rows = reader.fieldnames, list(reader)
-            if header != FIELDS:  # e.g. the old step,kind,value file: rewrite it with the new header
-                tmp = f"{path}.tmp{os.getpid()}"
-                with open(tmp, "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-                    w.writeheader()
-                    w.writerows(rows)
-                os.replace(tmp, path)
-
-    def write(self, row):
-        new = not os.path.isfile(self.path) or os.path.getsize(self.path) == 0
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in FIELDS})
 
 
 class Progress:
@@ -233,10 +201,8 @@ class Progress:
         self._stop_display()
         if not plots:
             return {}
-        from of_face import report
-
         try:
-            return report.plot_run(self.out_dir)
+            return plot_run(self.out_dir)
         except Exception as e:  # a plotting problem must not fail a finished training run
             print(f"warning: could not write plots to {self.out_dir}: {e}", file=self.stream, flush=True)
             return {}

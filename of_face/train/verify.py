@@ -11,7 +11,8 @@ import oneflow as flow
 from of_face import parallel
 from of_face.config import ConfigError
 from of_face.data.loader import normalize
-from of_face.eval.verification import evaluate, flip_embed, load_bin
+from of_face.data.verification_bin import load_bin
+from of_face.scoring import evaluate, flip_embed
 from of_face.train.steps import EmbedGraph
 
 

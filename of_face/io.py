@@ -1,0 +1,97 @@
+"""Atomic file writes: one temporary-name scheme, and the clean-up that matches it.
+
+Every writer of of_face that must never leave half a file behind (checkpoints, backbone.npz,
+config.yaml, metrics.csv rewrites, plots, ONNX exports, converter outputs, evaluation results)
+writes `<folder>/.<name>.tmp<pid>` next to its target, flushes and fsyncs it, then renames it over
+the target (`os.replace`, atomic on POSIX). On any error, including KeyboardInterrupt, the
+temporary file is removed and the target is left as it was. A process killed mid-write (kill -9,
+OOM) leaves its temporary behind; `remove_stale_temporaries` deletes exactly those names.
+
+    with atomic_write(path) as f:          # binary; atomic_write(path, "w", newline="") for text
+        np.savez(f, **arrays)
+
+`atomic_path` is the same for writers that want a file name rather than a file object (e.g.
+mxnet's RecordIO writer opens its own files).
+"""
+import contextlib
+import os
+import re
+import shutil
+from typing import IO, Iterator, List, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+# `.<name>.tmp<pid>`: a hidden name that still says which file it will become
+TEMP_RE = re.compile(r"^\..+\.tmp\d+$")
+
+
+def temp_name(path: PathLike) -> str:
+    """The temporary name of `path` for this process: `<folder>/.<name>.tmp<pid>`."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.tmp{os.getpid()}")
+
+
+def _discard(tmp: str) -> None:
+    if os.path.isdir(tmp) and not os.path.islink(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.lexists(tmp):
+        os.remove(tmp)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, sync: bool = True) -> Iterator[str]:
+    """Yield the temporary name of `path`; on success fsync that file (unless `sync` is False, or
+    it is a folder) and rename it to `path`; on any error remove it. A leftover of an earlier
+    process with the same id is removed first."""
+    tmp = temp_name(path)
+    _discard(tmp)
+    try:
+        yield tmp
+        if sync and os.path.isfile(tmp):
+            _fsync(tmp)
+        os.replace(tmp, os.fspath(path))
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO]:
+    """Open the temporary name of `path` for writing (`mode` "wb" or "w"; `open_kwargs` such as
+    newline="" or encoding go to `open`), yield the file object; when the block ends without
+    error: flush, fsync, close and rename it to `path`. On any error the temporary is removed and
+    `path` is untouched. Permissions follow the umask, as for a plain `open`."""
+    if mode not in ("w", "wb", "wt"):
+        raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path, sync=False) as tmp:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def remove_stale_temporaries(folder: PathLike) -> List[str]:
+    """Delete the files in `folder` named like `atomic_write` temporaries (`.<name>.tmp<pid>`),
+    e.g. left by a killed run; returns their names (sorted). Not recursive; a missing folder or a
+    file that cannot be removed is skipped."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if TEMP_RE.match(name) and os.path.isfile(path):
+            try:
+                os.remove(path)
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
