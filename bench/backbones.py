@@ -89,19 +89,18 @@ def matmul_gflops(n=1024, seconds=3.0):
 def run_one(name, mode, batch):
     """One (model, mode) measurement in this process; returns a dict."""
     from of_face import parallel
-    from of_face.config import OptimizerCfg
-    from of_face.heads.partial_fc import PartialFC
-    from of_face.models import MODELS as BUILD
-    from of_face.train.optim import build_optimizer
-    from of_face.train.steps import STEPPERS
+    from of_face.config import load_config
+    from of_face.train.system import build
 
-    flow.manual_seed(0)
-    backbone = parallel.broadcast_module(BUILD[name](), device="cpu")
-    head = PartialFC(CLASSES, EMB, margin=(1.0, 0.5, 0.0), scale=64.0, device="cpu")
-    optimizer = build_optimizer(OptimizerCfg(lr=0.01, clip_grad_norm=0.0), backbone, head.parameters())
-    scheduler = flow.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=1)
-    stepper = "graph" if mode == "graph_ckpt" else mode
-    step = STEPPERS[stepper](backbone, head, optimizer, scheduler, None, checkpointing=(mode == "graph_ckpt"))
+    ckpt = mode == "graph_ckpt"  # TrainGraph with activation checkpointing
+    cfg = load_config(None, [
+        f"Model.name={name}", f"Model.embedding_size={EMB}", f"Model.activation_checkpointing={str(ckpt).lower()}",
+        f"Global.mode={'graph' if ckpt else mode}", "Global.device=cpu", "Global.seed=0",
+        "Loss.margin=[1.0, 0.5, 0.0]", "Loss.scale=64.0", "Optimizer.lr=0.01", "Optimizer.clip_grad_norm=0.0",
+        "Optimizer.sparse_fc_update=false", f"Data.batch_size={batch}", "LRScheduler.power=0",  # constant LR
+    ])
+    system = build(cfg, CLASSES, total_steps=1 + TIMED_STEPS, warmup_steps=0)
+    backbone, step = system.backbone, system.step
     rng = np.random.default_rng(0)
     x = parallel.batch(rng.standard_normal((batch, 3, 112, 112)).astype(np.float32), device="cpu")
     y = parallel.batch(rng.integers(0, CLASSES, batch), device="cpu")
@@ -148,7 +147,7 @@ def main():
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"skipped": f"no result within {timeout} s"}
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if not lines:
             return {"error": (proc.stderr or proc.stdout)[-800:]}
         return json.loads(lines[-1][len("RESULT "):])
@@ -164,7 +163,8 @@ def main():
             predicted = sec_per_flop.get((family, mode), 0) * (flops or 0) * args.batch
             if predicted > STEP_LIMIT_S:
                 row = {"model": name, "mode": mode,
-                       "skipped": f"predicted {predicted:.0f} s/step > {STEP_LIMIT_S:.0f} s (from the smaller {family})"}
+                       "skipped": f"predicted {predicted:.0f} s/step > {STEP_LIMIT_S:.0f} s "
+                                  f"(from the smaller {family})"}
             else:
                 row = child(["--one", name, mode], 600)
                 row.setdefault("model", name)

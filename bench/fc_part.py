@@ -20,23 +20,21 @@ import numpy as np
 import of_face  # noqa: F401
 import oneflow as flow
 from of_face import parallel
-from of_face.config import OptimizerCfg
-from of_face.heads.partial_fc import PartialFC
-from of_face.train.optim import build_optimizer, sparse_fc_options
-from of_face.train.steps import STEPPERS
+from of_face.config import load_config
+from of_face.train.system import build
 
 classes, rate, sparse = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "1"
 dim = int(sys.argv[4]) if len(sys.argv) > 4 else 512
 batch = int(sys.argv[5]) if len(sys.argv) > 5 else 128  # global
 steps = int(os.environ.get("FC_STEPS", 3))  # timed steps (after 2 warm-up)
-cfg = OptimizerCfg(lr=0.1, momentum=0.9, weight_decay=5e-4)
-head = PartialFC(classes, dim, margin=(1.0, 0.5, 0.0), scale=64.0, sample_rate=rate, global_batch=batch,
-                 sparse_update=sparse)
-fc_options, head.row_decay = sparse_fc_options(cfg) if head.sparse_update else ({}, 0.0)
-backbone = parallel.broadcast_module(flow.nn.Identity())
-optimizer = build_optimizer(cfg, backbone, head.parameters(), fc_options)
-scheduler = flow.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=1)
-step = STEPPERS["graph"](backbone, head, optimizer, scheduler)
+cfg = load_config(None, [
+    "Global.mode=graph", "Global.seed=0", f"Model.embedding_size={dim}", "Loss.margin=[1.0, 0.5, 0.0]",
+    "Loss.scale=64.0", f"Loss.sample_rate={rate}", "Optimizer.lr=0.1", "Optimizer.momentum=0.9",
+    "Optimizer.weight_decay=5e-4", f"Optimizer.sparse_fc_update={str(sparse).lower()}",
+    f"Data.batch_size={batch // parallel.world_size()}", "LRScheduler.power=0",  # constant LR
+])
+system = build(cfg, classes, backbone=flow.nn.Identity(), total_steps=2 + steps, warmup_steps=0)
+head, step = system.head, system.step
 
 rng = np.random.default_rng(0)
 per_rank = batch // parallel.world_size()

@@ -61,7 +61,7 @@ def separate_phases(image_path, embed, batch_size=64, workers=None):
     layout = read_layout(image_path, "IJBC")
     paths, lmk = layout["images"], layout["landmarks"]
     t = time.perf_counter()
-    serial = [load_aligned(p, l)[0] for p, l in zip(paths, lmk)]
+    serial = [load_aligned(p, marks)[0] for p, marks in zip(paths, lmk)]
     serial_s = time.perf_counter() - t
     t = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
@@ -72,7 +72,8 @@ def separate_phases(image_path, embed, batch_size=64, workers=None):
     feats = []
     for s in range(0, len(faces), batch_size):
         b = faces[s:s + batch_size]
-        feats.append(np.asarray(embed(b), np.float64) + np.asarray(embed(np.ascontiguousarray(b[:, :, ::-1])), np.float64))
+        flipped = np.ascontiguousarray(b[:, :, ::-1])
+        feats.append(np.asarray(embed(b), np.float64) + np.asarray(embed(flipped), np.float64))
     feats = np.concatenate(feats)
     infer_s = time.perf_counter() - t
     t = time.perf_counter()

@@ -1,6 +1,7 @@
 """P1 (first part): training-step throughput of a small IResNet + class-split head.
 
-    python -m oneflow.distributed.launch --nproc_per_node N bench/step_speed.py MODE WIDTH PER_RANK_BATCH [CLASSES [AMP]]
+    python -m oneflow.distributed.launch --nproc_per_node N \\
+        bench/step_speed.py MODE WIDTH PER_RANK_BATCH [CLASSES [AMP]]
 
 AMP = 1 turns on graph-mode AMP (FP16 autocast + dynamic loss scale).
 
@@ -13,24 +14,20 @@ import time
 import numpy as np
 
 import of_face  # noqa: F401
-import oneflow as flow
 from of_face import parallel
-from of_face.config import AMPCfg, ModelCfg, OptimizerCfg
-from of_face.heads.partial_fc import PartialFC
-from of_face.models import build_backbone
-from of_face.train.optim import build_optimizer
-from of_face.train.steps import STEPPERS
+from of_face.config import load_config
+from of_face.train.system import build
 
 mode, width, per_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 classes = int(sys.argv[4]) if len(sys.argv) > 4 else 200
 amp = len(sys.argv) > 5 and sys.argv[5] == "1"
-flow.manual_seed(0)
-backbone = parallel.broadcast_module(
-    build_backbone(ModelCfg(name="iresnet", layers=[1, 1, 1, 1], width=width, embedding_size=128)))
-head = PartialFC(classes, 128, margin=(1.0, 0.0, 0.1), scale=16.0)
-optimizer = build_optimizer(OptimizerCfg(lr=0.1), backbone, head.parameters())
-scheduler = flow.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=1)
-step = STEPPERS[mode](backbone, head, optimizer, scheduler, AMPCfg(enable=amp))
+cfg = load_config(None, [
+    f"Global.mode={mode}", "Global.seed=0", "Model.name=iresnet", "Model.layers=[1, 1, 1, 1]", f"Model.width={width}",
+    "Model.embedding_size=128", "Loss.margin=[1.0, 0.0, 0.1]", "Loss.scale=16.0", "Optimizer.lr=0.1",
+    "Optimizer.sparse_fc_update=false", f"Data.batch_size={per_rank}", "LRScheduler.power=0",  # constant LR
+    f"AMP.enable={str(amp).lower()}",
+])
+step = build(cfg, classes, total_steps=11, warmup_steps=0).step
 
 rng = np.random.default_rng(0)
 x = parallel.batch(rng.standard_normal((per_rank, 3, 112, 112)).astype(np.float32))

@@ -1,72 +1,30 @@
-"""Checkpoints: `backbone.npz` (the backbone alone, for export and fine-tuning) and the full
-training checkpoints `ckpt-<step>.npz` (layout below). Both are written by rank 0 to a temporary
-name, then renamed: a crash mid-write leaves the previous file intact.
+"""Training checkpoints `ckpt-<step>.npz` (layout below) and the run folder's lifecycle (which
+checkpoints exist, which one a resume takes, stale temporaries, rotation). Written by rank 0 to
+a temporary name, then renamed: a crash mid-write leaves the previous file intact. The backbone
+alone (`backbone.npz`, for export and fine-tuning) is `of_face.models.weights`.
+
+`system` below is a `TrainingSystem` (of_face/train/system.py, which imports this module): its
+backbone, head and optimizer, and its stepper's mode-independent `state_dict()`.
 """
 import json
 import os
-import random
 import re
-import zlib
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import oneflow as flow
 
-from of_face import parallel
+from of_face import io, parallel
 from of_face.config import ConfigError
-
-BACKBONE_FILE = "backbone.npz"
-
-
-def save_backbone(backbone, out_dir, step):
-    path = os.path.join(out_dir, BACKBONE_FILE)
-    flow._oneflow_internal.eager.Sync()  # every queued step done (as nn.Graph.state_dict() does)
-    state = {k: (v.to_local() if v.is_global else v).numpy() for k, v in backbone.state_dict().items()}
-    if parallel.rank() == 0:
-        _write_npz(path, dict(state, __step__=np.int64(step)))
-    parallel.barrier()
-    return path
-
+from of_face.models.weights import state_mismatch
+from of_face.io import atomic_write
+from of_face.train.rng import rng_states, set_rng_states
+from of_face.train.steps import OPTIMIZER_SLOTS, TRAIN_STEP_VAR, StepperState, named_parameters
 
 def _write_npz(path, arrays):
-    """Write `arrays` to `path` atomically: a synced temporary `.<name>.tmp<pid>`, then a rename."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _mismatch(own, saved):
-    """{name: shape} of the model and of a file -> (missing, unexpected, shape-mismatched) names."""
-    missing = sorted(set(own) - set(saved))
-    extra = sorted(set(saved) - set(own))
-    wrong = [k for k in own if k in saved and tuple(saved[k]) != tuple(own[k])]
-    return missing, extra, wrong
-
-
-def load_backbone(backbone, path):
-    """Load a saved backbone into a local (not yet placed) module; names a mismatch clearly."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with np.load(path) as f:
-            state = {k: f[k] for k in f.files if k != "__step__"}
-    except Exception as e:  # zipfile/pickle errors of a cut or foreign file
-        raise ValueError(f"{path}: not a readable of_face backbone checkpoint ({e})") from None
-    missing, extra, wrong = _mismatch({k: v.shape for k, v in backbone.state_dict().items()},
-                                      {k: v.shape for k, v in state.items()})
-    if missing or extra or wrong:
-        raise ValueError(
-            f"{path}: does not match the configured backbone (missing {missing[:3]}, unexpected {extra[:3]}, "
-            f"shape mismatch {wrong[:3]})"
-        )
-    backbone.load_state_dict({k: flow.tensor(v) for k, v in state.items()})
-    return backbone
+    """Write `arrays` to `path` atomically (of_face.io: a synced temporary, then a rename)."""
+    with atomic_write(path) as fh:
+        np.savez(fh, **arrays)
 
 
 # --------------------------------------------------------------------------- training checkpoints
@@ -95,22 +53,17 @@ def load_backbone(backbone, path):
 CKPT_FORMAT = 1
 CKPT_RE = re.compile(r"^ckpt-(\d{8})\.npz$")
 HEAD_WEIGHT = "head.weight"
-# nn.Graph's optimizer-state suffixes <-> eager optimizer state keys
-GRAPH_SLOTS = {"momentum": "momentum_buf", "m": "exp_avg", "v": "exp_avg_sq"}
-EAGER_SLOTS = {v: k for k, v in GRAPH_SLOTS.items()}
-OPTIMIZER_SLOTS = {"SGD": ("momentum_buf",), "AdamW": ("exp_avg", "exp_avg_sq")}
-TRAIN_STEP_VAR = "System-Train-TrainStep"
 
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used: unreadable, cut short, or for another model/data set."""
 
 
-def checkpoint_name(step):
+def checkpoint_name(step: int) -> str:
     return f"ckpt-{int(step):08d}.npz"
 
 
-def list_checkpoints(out_dir):
+def list_checkpoints(out_dir: str) -> List[Tuple[int, str]]:
     """[(step, path)] of the `ckpt-*.npz` files in out_dir, oldest first."""
     if not os.path.isdir(out_dir):
         return []
@@ -118,7 +71,7 @@ def list_checkpoints(out_dir):
     return sorted(found)
 
 
-def read_meta(path):
+def read_meta(path: str) -> dict:
     """The JSON metadata of a checkpoint (cheap: reads one member); CheckpointError if unreadable."""
     if not os.path.isfile(path):
         raise CheckpointError(f"Global.resume: checkpoint not found: {path}")
@@ -136,9 +89,9 @@ def read_meta(path):
     return meta
 
 
-def latest_checkpoint(out_dir, log=None):
+def latest_checkpoint(out_dir: str, log: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """Newest readable checkpoint in out_dir, or None; unreadable newer ones are reported and skipped."""
-    for step, path in reversed(list_checkpoints(out_dir)):
+    for _, path in reversed(list_checkpoints(out_dir)):
         try:
             read_meta(path)
             return path
@@ -148,7 +101,8 @@ def latest_checkpoint(out_dir, log=None):
     return None
 
 
-def resolve_resume(value, out_dir, log=None):
+def resolve_resume(value: Optional[str], out_dir: str,
+                   log: Optional[Callable[[str], None]] = None) -> Optional[str]:
     """Global.resume -> checkpoint path or None. 'auto': newest complete one in out_dir (None if
     there is none); a folder: its newest; a file: that file (it must exist)."""
     if value in (None, "", "none", "false", "no"):
@@ -165,59 +119,19 @@ def resolve_resume(value, out_dir, log=None):
     return value
 
 
-def remove_stale_temporaries(out_dir):
-    """Delete temp files a killed run left behind (`.ckpt-*.npz.tmp<pid>`, `.backbone.npz.tmp<pid>`,
-    `config.yaml.tmp<pid>`); rank 0 only. Returns their names."""
-    if parallel.rank() != 0 or not os.path.isdir(out_dir):
+def remove_stale_temporaries(out_dir: str) -> List[str]:
+    """Delete temp files a killed run left behind (of_face.io's `.<name>.tmp<pid>` scheme, which
+    every atomic writer uses); rank 0 only. Returns their names."""
+    if parallel.rank() != 0:
         return []
-    removed = []
-    for name in os.listdir(out_dir):
-        if re.search(r"\.tmp\d+", name) and os.path.isfile(os.path.join(out_dir, name)):
-            try:
-                os.remove(os.path.join(out_dir, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
+    return io.remove_stale_temporaries(out_dir)
 
 
-# ----------------------------------------------------------------- reading tensors out / in
+# ----------------------------------------------------------------- save / load
 
 
-def _to_rank0_numpy(t):
-    """A tensor's whole value as numpy on rank 0 (None elsewhere); collective for global tensors."""
-    if not t.is_global:
-        return t.detach().numpy()
-    if all(s == flow.sbp.broadcast for s in t.sbp):
-        return t.to_local().numpy() if parallel.rank() == 0 else None
-    whole = t.to_global(placement=flow.placement(t.placement.type, ranks=[0]), sbp=flow.sbp.broadcast)
-    return whole.to_local().numpy() if parallel.rank() == 0 else None
-
-
-def _like(array, ref):
-    """numpy value -> tensor placed and split like `ref` (every rank passes the whole value).
-
-    Class-split tensors (split(0)) keep only this rank's rows, as `parallel.fc_weight` does."""
-    dtype = ref.dtype
-    if not ref.is_global:
-        return flow.tensor(array, dtype=dtype, device=ref.device)
-    if all(s == flow.sbp.broadcast for s in ref.sbp):
-        t = flow.tensor(array, dtype=dtype).to_global(placement=ref.placement, sbp=ref.sbp)
-        # to_global() takes rank 0's data for every rank; a rank's own replica (see
-        # _divergent_replicas) is written into its local part afterwards
-        t.to_local().copy_(flow.tensor(array, dtype=dtype, device=t.to_local().device))
-        return t
-    ranks = list(np.asarray(ref.placement.ranks).reshape(-1))
-    n = array.shape[0] // len(ranks)
-    r = ranks.index(parallel.rank())
-    local = np.ascontiguousarray(array[r * n:(r + 1) * n])
-    return flow.tensor(local, dtype=dtype).to_global(placement=ref.placement, sbp=ref.sbp)
-
-
-def _broadcast(array, placement):
-    t = flow.tensor(array).to_global(placement=placement, sbp=flow.sbp.broadcast)
-    t.to_local().copy_(flow.tensor(array, device=t.to_local().device))
-    return t
+def _fc_rows(key):
+    return key == f"model/{HEAD_WEIGHT}" or key.startswith(f"opt/{HEAD_WEIGHT}/")
 
 
 def _pad_rows(array, rows):
@@ -227,138 +141,35 @@ def _pad_rows(array, rows):
     return np.concatenate([array, pad])
 
 
-def _named_params(backbone, head):
-    named = {f"backbone.{n}": p for n, p in backbone.named_parameters()}
-    named.update({f"head.{n}": p for n, p in head.named_parameters()})
-    return named
+def save_checkpoint(out_dir: str, step: int, system, meta: dict, keep: int = 0) -> str:
+    """Write ckpt-<step>.npz for a `TrainingSystem` (collective: every rank calls it; rank 0
+    writes). Returns its path.
 
-
-def _graph(step_fn):
-    return getattr(step_fn, "graph", None)
-
-
-def graph_variables(step_fn):
-    """nn.Graph's own variables beyond module parameters/buffers: {name: global tensor}.
-
-    Optimizer state (`<param>-momentum`, `-m`, `-v`), the train step counter, AMP's loss scale.
-    Before the graph's first call: what `load_checkpoint` handed it (or nothing)."""
-    graph = _graph(step_fn)
-    if graph is None:
-        return {}
-    return {k: v for k, v in graph.state_dict().items() if not isinstance(v, dict)}
-
-
-def _optimizer_state(step_fn, optimizer, named):
-    """{(param name, eager slot): tensor}, {graph var: tensor}, eager step count."""
-    slots, others = {}, {}
-    graph = _graph(step_fn)
-    if graph is not None:
-        for name, t in graph_variables(step_fn).items():
-            if "FreeEagerTensor" in name:  # constants the step reads (PartialFC's pad bias): rebuilt, not state
-                continue
-            param, _, suffix = name.rpartition("-")
-            if param in named and suffix in GRAPH_SLOTS:
-                slots[(param, GRAPH_SLOTS[suffix])] = t
-            else:
-                others[name.replace(graph.name, "{graph}")] = t
-        return slots, others, None
-    by_id = {id(p): n for n, p in named.items()}
-    for p, state in optimizer._state.items():
-        if isinstance(p, str) or id(p) not in by_id or not isinstance(state, dict):
-            continue
-        for slot, t in state.items():
-            if isinstance(t, flow.Tensor):
-                slots[(by_id[id(p)], slot)] = t
-    return slots, others, int(optimizer._state.get("step", 0))
-
-
-def rng_states():
-    """Host-side random states: OneFlow's default generators and numpy's global one."""
-    states = {"rng/flow_cpu": flow.default_generator.get_state().numpy()}
-    if flow.cuda.is_available():
-        for i, s in enumerate(flow.cuda.get_rng_state_all()):
-            states[f"rng/flow_cuda{i}"] = s.numpy()
-    np_state = np.random.get_state()
-    states["rng/numpy_keys"] = np_state[1]
-    return states, {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-                    "python": repr(random.getstate())}
-
-
-def set_rng_states(f, meta):
-    if "rng/flow_cpu" in f:
-        flow.default_generator.set_state(flow.tensor(f["rng/flow_cpu"]))
-    if flow.cuda.is_available():
-        states = [f[k] for k in sorted(k for k in f if k.startswith("rng/flow_cuda"))]
-        if len(states) == flow.cuda.device_count():
-            flow.cuda.set_rng_state_all([flow.tensor(s) for s in states])
-    rng = meta.get("rng", {})
-    if "numpy" in rng and "rng/numpy_keys" in f:
-        kind, pos, has_gauss, cached = rng["numpy"]
-        np.random.set_state((kind, f["rng/numpy_keys"], pos, has_gauss, cached))
-
-
-# ----------------------------------------------------------------- save / load
-
-
-def _replicated(t):
-    return t.is_global and len(t.placement.ranks) > 1 and all(s == flow.sbp.broadcast for s in t.sbp)
-
-
-def _divergent_replicas(sources):
-    """{"replica/<key>": [world, ...]} for broadcast tensors whose local copies differ across ranks.
-
-    A broadcast tensor should hold the same value on every rank, but BatchNorm on a batch split
-    over ranks updates its running statistics from each rank's own samples (parameters stay
-    equal: tests/test_twin.py checks it). Rank 0's copy alone would then not resume the run exactly,
-    so every rank's copy of such a tensor is stored too (found by comparing CRCs; nothing
-    extra is written when the replicas agree)."""
-    keys = [k for k, t in sources.items() if _replicated(t)]
-    if not keys:
-        return {}
-    place = sources[keys[0]].placement
-    crcs = np.array([zlib.crc32(np.ascontiguousarray(sources[k].to_local().numpy()).tobytes()) for k in keys],
-                    np.int64)
-    table = flow.tensor(crcs[None]).to_global(placement=place, sbp=flow.sbp.split(0))
-    table = parallel.to_numpy(table)  # [world, len(keys)]
-    out = {}
-    for i, k in enumerate(keys):
-        if (table[:, i] != table[0, i]).any():
-            local = sources[k].to_local()
-            stacked = local.unsqueeze(0).to_global(placement=sources[k].placement, sbp=flow.sbp.split(0))
-            a = _to_rank0_numpy(stacked)
-            out[f"replica/{k}"] = a
-    return out
-
-
-def save_checkpoint(out_dir, step, backbone, head, optimizer, scheduler, step_fn, meta, keep=0):
-    """Write ckpt-<step>.npz (collective: every rank calls it; rank 0 writes). Returns its path.
-
-    `meta`: the trainer's JSON-able position (epoch, batch in epoch, ...) and config. `keep` > 0
-    deletes all but the newest `keep` checkpoints afterwards."""
+    `meta`: the trainer's JSON-able position (epoch, batch in epoch, batch plan, ...) and config.
+    `keep` > 0 deletes all but the newest `keep` checkpoints afterwards."""
     # Wait for every queued step (graph or eager) before reading parameters and optimizer state,
     # as nn.Graph.state_dict() itself does.
     flow._oneflow_internal.eager.Sync()
-    named = _named_params(backbone, head)
+    backbone, head = system.backbone, system.head
+    state = system.step.state_dict()
     sources = {f"model/backbone.{k}": v for k, v in backbone.state_dict().items()}
     sources[f"model/{HEAD_WEIGHT}"] = head.weight
-    slots, others, eager_step = _optimizer_state(step_fn, optimizer, named)
-    sources.update({f"opt/{param}/{slot}": t for (param, slot), t in slots.items()})
-    sources.update({f"graph/{name}": t for name, t in others.items()})
+    sources.update({f"opt/{param}/{slot}": t for (param, slot), t in state.slots.items()})
+    sources.update({f"graph/{name}": t for name, t in state.variables.items()})
     rows = head.num_classes
     arrays = {}
     for key, t in sources.items():
-        a = _to_rank0_numpy(t)
-        fc_rows = key in (f"model/{HEAD_WEIGHT}",) or key.startswith(f"opt/{HEAD_WEIGHT}/")
-        arrays[key] = a[:rows] if a is not None and fc_rows else a
-    arrays.update(_divergent_replicas(sources))
-    if eager_step is not None:  # eager: the graph's step counter, so the file also resumes in graph mode
-        arrays[f"graph/{TRAIN_STEP_VAR}"] = np.array([eager_step], np.int64)
+        a = t if isinstance(t, np.ndarray) else parallel.to_rank0_numpy(t)
+        arrays[key] = a[:rows] if a is not None and _fc_rows(key) else a
+    replicas = parallel.divergent_replicas({k: t for k, t in sources.items() if not isinstance(t, np.ndarray)})
+    arrays.update({f"replica/{k}": a for k, a in replicas.items()})
+    eager = state.scheduler is not None
     rng, rng_meta = rng_states()
     meta = dict(meta, format=CKPT_FORMAT, step=int(step), world_size=parallel.world_size(),
                 num_classes=int(head.num_classes), embedding_size=int(head.weight.shape[1]),
-                optimizer=type(optimizer).__name__, optimizer_step=eager_step,
-                scheduler=_jsonable(scheduler.state_dict()) if eager_step is not None else None,
-                rng=rng_meta)
+                optimizer=type(system.optimizer).__name__,
+                optimizer_step=int(state.variables[TRAIN_STEP_VAR][0]) if eager else None,
+                scheduler=_jsonable(state.scheduler) if eager else None, rng=rng_meta)
     path = os.path.join(out_dir, checkpoint_name(step))
     if parallel.rank() == 0:
         arrays.update(rng)
@@ -382,8 +193,8 @@ def _jsonable(obj):
     return obj
 
 
-def load_checkpoint(path, backbone, head, optimizer, scheduler, step_fn):
-    """Restore a checkpoint into freshly built modules/optimizer/stepper (before the first step).
+def load_checkpoint(path: str, system) -> dict:
+    """Restore a checkpoint into a freshly built `TrainingSystem` (before its first step).
 
     Works across world sizes: the FC weight and its optimizer state are padded to this world's
     padded class count and split along classes. Returns the checkpoint's metadata."""
@@ -393,53 +204,32 @@ def load_checkpoint(path, backbone, head, optimizer, scheduler, step_fn):
         data = {k: f[k] for k in f.files}
     except Exception as e:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({type(e).__name__}: {e})") from None
+    backbone, head = system.backbone, system.head
     _check_model(path, data, meta, backbone, head)
     replicas = [k for k in data if k.startswith("replica/")]
     if replicas and meta.get("world_size") == parallel.world_size():
-        for k in replicas:  # the same world: every rank gets back its own copy (see _divergent_replicas)
+        for k in replicas:  # the same world: every rank gets back its own copy (parallel.divergent_replicas)
             data[k[len("replica/"):]] = data[k][parallel.rank()]
     meta["divergent_replicas"] = len(replicas)
     with flow.no_grad():
         for k, v in backbone.state_dict().items():
-            v.copy_(_like(data[f"model/backbone.{k}"], v))
-            if _replicated(v):  # copy_ between broadcast tensors may also take rank 0's value
-                v.to_local().copy_(flow.tensor(data[f"model/backbone.{k}"], dtype=v.dtype, device=v.to_local().device))
-        padded = head.weight.shape[0]
-        head.weight.copy_(_like(_pad_rows(data[f"model/{HEAD_WEIGHT}"], padded), head.weight))
-    named = _named_params(backbone, head)
-    wanted = OPTIMIZER_SLOTS.get(type(optimizer).__name__, ())
-    slots = {}
+            parallel.load_into(v, data[f"model/backbone.{k}"])
+        head.weight.copy_(parallel.place_like(_pad_rows(data[f"model/{HEAD_WEIGHT}"], head.weight.shape[0]),
+                                              head.weight))
+    named = named_parameters(backbone, head)
+    wanted = OPTIMIZER_SLOTS.get(type(system.optimizer).__name__, ())
+    state = StepperState(step=int(meta["step"]))
     for key, value in data.items():
         if key.startswith("opt/"):
             param, slot = key[4:].rsplit("/", 1)
             if param in named and slot in wanted:
                 ref = named[param]
-                if param == HEAD_WEIGHT:
-                    value = _pad_rows(value, ref.shape[0])
-                slots[(param, slot)] = _like(value, ref)
-    graph = _graph(step_fn)
-    step_count = int(data.get(f"graph/{TRAIN_STEP_VAR}", np.array([meta["step"]]))[0])
-    if graph is not None:
-        state = {f"{param}-{EAGER_SLOTS[slot]}": t for (param, slot), t in slots.items()}
-        ref_scalar = next(iter(backbone.parameters()))
-        for key, value in data.items():
-            if not key.startswith("graph/"):
-                continue
-            name = key[6:].replace("{graph}", graph.name)
-            if "DynamicLossScale" in name and getattr(graph, "_grad_scaler", None) is None:
-                continue  # saved under AMP, resumed without: nothing to restore
-            state[name] = _broadcast(value, ref_scalar.placement)
-        graph.load_state_dict(state, strict=False)
-    else:
-        for (param, slot), t in slots.items():
-            optimizer._state.setdefault(named[param], {})[slot] = t
-        optimizer._state["step"] = step_count
-        if step_count:  # replay the schedule: the same calls, so the same LR, as an unbroken run
-            for _ in range(step_count):
-                scheduler.step()
+                value = _pad_rows(value, ref.shape[0]) if param == HEAD_WEIGHT else value
+                state.slots[(param, slot)] = parallel.place_like(value, ref)
+        elif key.startswith("graph/"):
+            state.variables[key[6:]] = value
+    system.step.load_state_dict(state)
     set_rng_states(data, meta)
-    if hasattr(step_fn, "steps_done"):  # the steppers' own count (picks PartialFC's per-step sampling noise)
-        step_fn.steps_done = int(meta["step"])
     return meta
 
 
@@ -447,7 +237,7 @@ def _check_model(path, data, meta, backbone, head):
     """The checkpoint must be for this backbone and this FC (class count, embedding size)."""
     own = {f"model/backbone.{k}": tuple(v.shape) for k, v in backbone.state_dict().items()}
     saved = {k: tuple(v.shape) for k, v in data.items() if k.startswith("model/backbone.")}
-    missing, extra, wrong = _mismatch(own, saved)
+    missing, extra, wrong = state_mismatch(own, saved)
     wrong = [f"{k[6:]} {saved[k]} vs {own[k]}" for k in wrong]
     if missing or extra or wrong:
         model = meta.get("config", {}).get("Model", {})

@@ -69,13 +69,12 @@ class ModelCfg:
     activation_checkpointing: bool = False
 
     def check(self):
-        from of_face.models import FAMILY, MODELS
+        from of_face.models import MODELS, validate
 
         _choice("Model.name", self.name, tuple(MODELS))
+        # each field's own range here; what applies to which family is the family's rule
         if self.layers is not None and (len(self.layers) != 4 or min(self.layers) < 1):
             raise ConfigError(f"Model.layers: expected 4 positive block counts, got {self.layers}")
-        if self.layers is not None and FAMILY[self.name] == "vit":
-            raise ConfigError(f"Model.layers: does not apply to {self.name}; use Model.vit_depth")
         _at_least("Model.width", self.width, 1)
         _at_least("Model.embedding_size", self.embedding_size, 1)
         if not 0.0 <= self.dropout < 1.0:
@@ -85,9 +84,11 @@ class ModelCfg:
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"Model.mask_ratio: expected a value in [0, 1), got {self.mask_ratio}")
         _at_least("Model.vit_dim", self.vit_dim, 0)
-        if self.vit_dim % 8:
-            raise ConfigError(f"Model.vit_dim: must be a multiple of the 8 attention heads, got {self.vit_dim}")
         _at_least("Model.vit_depth", self.vit_depth, 0)
+        try:  # models sit below config and raise plain ValueError; same message, config's type
+            validate(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -179,13 +180,13 @@ class OptimizerCfg:
 @dataclass
 class LRSchedulerCfg:
     warmup_epochs: float = 0.0  # linear warm-up from 0, then polynomial decay to 0
-    power: float = 2.0
+    power: float = 2.0  # 0: constant after warm-up
 
     def check(self):
         if self.warmup_epochs < 0:
             raise ConfigError(f"LRScheduler.warmup_epochs: expected >= 0, got {self.warmup_epochs}")
-        if self.power <= 0:
-            raise ConfigError(f"LRScheduler.power: expected > 0, got {self.power}")
+        if self.power < 0:
+            raise ConfigError(f"LRScheduler.power: expected >= 0, got {self.power}")
 
 
 @dataclass
@@ -257,11 +258,11 @@ def load_config(path=None, overrides=()):
 
 
 def save_config(cfg, path):
-    """Write the merged config atomically (temp name, then rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    """Write the merged config atomically (of_face.io.atomic_write: temp name, fsync, rename)."""
+    from of_face.io import atomic_write
+
+    with atomic_write(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def _parse_override(item):

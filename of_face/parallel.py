@@ -13,6 +13,8 @@ Reading this file alone should tell how training is parallelised:
 Everything else asks this module instead of writing `flow.sbp` literals.
 """
 import math
+import zlib
+from typing import Dict, Optional
 
 import numpy as np
 import oneflow as flow
@@ -24,7 +26,7 @@ SBP_FC_WEIGHT = (flow.sbp.split(0),)
 SBP_LOGITS = (flow.sbp.split(1),)
 
 
-def device_type(device="auto"):
+def device_type(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if flow.cuda.is_available() else "cpu"
     if device == "cuda" and not flow.cuda.is_available():
@@ -32,32 +34,32 @@ def device_type(device="auto"):
     return device
 
 
-def world_size():
+def world_size() -> int:
     return flow.env.get_world_size()
 
 
-def rank():
+def rank() -> int:
     return flow.env.get_rank()
 
 
-def placement(device="auto"):
+def placement(device: str = "auto") -> flow.placement:
     """All ranks of the launcher's world, on CPU or one GPU per rank."""
     return flow.placement(device_type(device), ranks=list(range(world_size())))
 
 
-def padded_classes(num_classes, world=None):
+def padded_classes(num_classes: int, world: Optional[int] = None) -> int:
     """Class count rounded up so every rank owns an equal slice of the FC weight."""
     world = world or world_size()
     return int(math.ceil(num_classes / world) * world)
 
 
-def batch(local_array, dtype=None, device="auto"):
+def batch(local_array: np.ndarray, dtype=None, device: str = "auto") -> flow.Tensor:
     """This rank's numpy shard -> one global tensor split along the batch."""
     t = flow.tensor(local_array, dtype=dtype)
     return t.to_global(placement=placement(device), sbp=SBP_BATCH)
 
 
-def gather(t, keep_grad_split=False):
+def gather(t: flow.Tensor, keep_grad_split: bool = False) -> flow.Tensor:
     """Any global tensor -> broadcast (every rank holds the whole tensor).
 
     keep_grad_split: the gradient flowing back keeps `t`'s own SBP. Needed where `t` comes out
@@ -70,17 +72,17 @@ def gather(t, keep_grad_split=False):
     return t.to_global(sbp=SBP_GATHERED)
 
 
-def to_numpy(t):
+def to_numpy(t: flow.Tensor) -> np.ndarray:
     """A global tensor's full value as numpy, on every rank (collective: all ranks call it)."""
     return gather(t).to_local().numpy()
 
 
-def broadcast_module(module, device="auto"):
+def broadcast_module(module: flow.nn.Module, device: str = "auto") -> flow.nn.Module:
     """Replicate a backbone: parameters and buffers broadcast over all ranks."""
     return module.to_global(placement=placement(device), sbp=SBP_PARAM)
 
 
-def fc_weight(array, device="auto"):
+def fc_weight(array: np.ndarray, device: str = "auto") -> flow.Tensor:
     """A full [classes, dim] numpy weight -> global tensor split along classes.
 
     Each rank materialises only its own slice (no full-size copy per rank).
@@ -90,15 +92,95 @@ def fc_weight(array, device="auto"):
     return flow.tensor(local).to_global(placement=placement(device), sbp=SBP_FC_WEIGHT)
 
 
-def fc_shard(local_array, device="auto"):
+def fc_shard(local_array: np.ndarray, device: str = "auto") -> flow.Tensor:
     """This rank's own slice along classes (numpy) -> global tensor split along classes."""
     return flow.tensor(local_array).to_global(placement=placement(device), sbp=SBP_FC_WEIGHT)
 
 
-def fc_weight_random(num_rows, dim, std, device="auto"):
+def fc_weight_random(num_rows: int, dim: int, std: float, device: str = "auto") -> flow.Tensor:
     """N(0, std) class centres generated shard by shard, split along classes."""
     return flow.normal(0.0, std, (num_rows, dim), placement=placement(device), sbp=SBP_FC_WEIGHT)
 
 
-def barrier():
+def barrier() -> None:
     flow.comm.barrier()
+
+
+# ------------------------------------------------- moving whole values in and out (checkpoints)
+
+
+def is_broadcast(t: flow.Tensor) -> bool:
+    return t.is_global and all(s == flow.sbp.broadcast for s in t.sbp)
+
+
+def is_replicated(t: flow.Tensor) -> bool:
+    """A broadcast tensor on more than one rank (each rank holds a full copy)."""
+    return is_broadcast(t) and len(t.placement.ranks) > 1
+
+
+def to_rank0_numpy(t: flow.Tensor) -> Optional[np.ndarray]:
+    """A tensor's whole value as numpy on rank 0 (None elsewhere); collective for split tensors."""
+    if not t.is_global:
+        return t.detach().numpy()
+    if is_broadcast(t):
+        return t.to_local().numpy() if rank() == 0 else None
+    whole = t.to_global(placement=flow.placement(t.placement.type, ranks=[0]), sbp=flow.sbp.broadcast)
+    return whole.to_local().numpy() if rank() == 0 else None
+
+
+def place_like(array: np.ndarray, ref: flow.Tensor) -> flow.Tensor:
+    """numpy value -> tensor placed and split like `ref` (every rank passes the whole value).
+
+    Class-split tensors (split(0)) keep only this rank's rows, as `fc_weight` does. A broadcast
+    tensor gets this rank's own value, which may differ from rank 0's (see divergent_replicas)."""
+    dtype = ref.dtype
+    if not ref.is_global:
+        return flow.tensor(array, dtype=dtype, device=ref.device)
+    if is_broadcast(ref):
+        t = flow.tensor(array, dtype=dtype).to_global(placement=ref.placement, sbp=ref.sbp)
+        # to_global() takes rank 0's data for every rank: write this rank's own value afterwards
+        t.to_local().copy_(flow.tensor(array, dtype=dtype, device=t.to_local().device))
+        return t
+    ranks = list(np.asarray(ref.placement.ranks).reshape(-1))
+    n = array.shape[0] // len(ranks)
+    r = ranks.index(rank())
+    local = np.ascontiguousarray(array[r * n:(r + 1) * n])
+    return flow.tensor(local, dtype=dtype).to_global(placement=ref.placement, sbp=ref.sbp)
+
+
+def load_into(t: flow.Tensor, array: np.ndarray) -> None:
+    """Copy a numpy value into an existing (global) tensor, this rank's own copy for a broadcast one."""
+    t.copy_(place_like(array, t))
+    if is_replicated(t):  # copy_ between broadcast tensors may also take rank 0's value
+        t.to_local().copy_(flow.tensor(array, dtype=t.dtype, device=t.to_local().device))
+
+
+def broadcast_array(array: np.ndarray, placement_: flow.placement) -> flow.Tensor:
+    """A numpy value every rank holds -> broadcast global tensor with exactly that local value."""
+    t = flow.tensor(array).to_global(placement=placement_, sbp=flow.sbp.broadcast)
+    t.to_local().copy_(flow.tensor(array, device=t.to_local().device))
+    return t
+
+
+def divergent_replicas(sources: Dict[str, flow.Tensor]) -> Dict[str, np.ndarray]:
+    """{key: [world, ...] numpy on rank 0} for broadcast tensors whose local copies differ.
+
+    A broadcast tensor should hold the same value on every rank, but BatchNorm on a batch split
+    over ranks updates its running statistics from each rank's own samples (parameters stay
+    equal: tests/test_twin.py checks it). Rank 0's copy alone would then not resume the run
+    exactly, so every rank's copy of such a tensor is returned (found by comparing CRCs; nothing
+    when the replicas agree). Collective: every rank calls it with the same keys."""
+    keys = [k for k, t in sources.items() if is_replicated(t)]
+    if not keys:
+        return {}
+    place = sources[keys[0]].placement
+    crcs = np.array([zlib.crc32(np.ascontiguousarray(sources[k].to_local().numpy()).tobytes()) for k in keys],
+                    np.int64)
+    table = to_numpy(flow.tensor(crcs[None]).to_global(placement=place, sbp=flow.sbp.split(0)))  # [world, keys]
+    out = {}
+    for i, k in enumerate(keys):
+        if (table[:, i] != table[0, i]).any():
+            stacked = sources[k].to_local().unsqueeze(0).to_global(placement=sources[k].placement,
+                                                                    sbp=flow.sbp.split(0))
+            out[k] = to_rank0_numpy(stacked)
+    return out

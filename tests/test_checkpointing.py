@@ -10,6 +10,7 @@ Two claims, each checked independently:
 
 Single process, tiny models (a few seconds each on CPU).
 """
+import dataclasses
 import re
 
 import numpy as np
@@ -18,11 +19,10 @@ import pytest
 import of_face  # noqa: F401
 import oneflow as flow
 from of_face import parallel
-from of_face.config import ModelCfg, OptimizerCfg, load_config
-from of_face.heads.partial_fc import PartialFC
-from of_face.models import MODELS, build_backbone
-from of_face.train.optim import build_optimizer
-from of_face.train.steps import STEPPERS, TrainGraph, checkpoint_block_names
+from of_face.config import ModelCfg, load_config
+from of_face.models import MODELS
+from of_face.train.steps import STEPPERS, checkpoint_block_names
+from of_face.train.system import build
 
 FAKE_OP = "Sys-Checkpointing-Fake-Fw-Op_"
 EMB, CLASSES, BATCH, STEPS = 16, 10, 4, 2
@@ -49,21 +49,26 @@ def load(backbone, head, state):
         v.copy_(flow.tensor(state[key], dtype=v.dtype).to_global(placement=v.placement, sbp=v.sbp))
 
 
+def build_system(model_cfg, checkpointing=False):
+    """The run's parts through `build` (constant LR, dense FC), backbone `model_cfg`."""
+    cfg = load_config(None, ["Global.mode=graph", "Global.seed=0", "Loss.margin=[1.0, 0.0, 0.35]", "Loss.scale=16.0",
+                             "Optimizer.lr=0.1", "Optimizer.momentum=0.9", "Optimizer.weight_decay=5e-4",
+                             f"Data.batch_size={BATCH}", "LRScheduler.power=0"])
+    cfg = dataclasses.replace(cfg, Model=dataclasses.replace(model_cfg, activation_checkpointing=checkpointing))
+    return build(cfg, CLASSES, total_steps=STEPS, warmup_steps=0)
+
+
 def run_steps(model_cfg, checkpointing, init=None):
     """STEPS graph training steps from `init` (or a fresh init) on fixed batches.
 
     Returns (losses, initial state, final state, graph). manual_seed alone does not make two
     builds identical (OneFlow's global initialisers), so the second run loads the first's init.
     """
-    flow.manual_seed(0)
-    backbone = parallel.broadcast_module(build_backbone(model_cfg))
-    head = PartialFC(CLASSES, EMB, margin=(1.0, 0.0, 0.35), scale=16.0)
+    system = build_system(model_cfg, checkpointing)
+    backbone, head, graph = system.backbone, system.head, system.step.graph
     if init is not None:
         load(backbone, head, init)
     start = snapshot(backbone, head)
-    optimizer = build_optimizer(OptimizerCfg(lr=0.1, momentum=0.9, weight_decay=5e-4), backbone, head.parameters())
-    scheduler = flow.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=1)
-    graph = TrainGraph(backbone, head, optimizer, scheduler, checkpointing=checkpointing)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(STEPS):
@@ -125,10 +130,8 @@ def test_blocks_marked_in_published_models():
 def test_config_switch_and_eager_refuses():
     assert ModelCfg().activation_checkpointing is False
     assert load_config(overrides=["Model.activation_checkpointing=true"]).Model.activation_checkpointing is True
-    backbone = parallel.broadcast_module(build_backbone(TINY["iresnet"]))
-    head = PartialFC(CLASSES, EMB)
-    optimizer = build_optimizer(OptimizerCfg(), backbone, head.parameters())
-    scheduler = flow.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=1)
+    system = build_system(TINY["iresnet"])
+    backbone, head, optimizer, scheduler = system.backbone, system.head, system.optimizer, system.scheduler
     STEPPERS["graph"](backbone, head, optimizer, scheduler, None)  # positional call still works
     with pytest.raises(NotImplementedError, match="graph mode only"):
         STEPPERS["eager"](backbone, head, optimizer, scheduler, None, checkpointing=True)

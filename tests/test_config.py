@@ -67,7 +67,7 @@ def test_model_zoo_configs_build_and_run_at_reduced_class_count():
 
     import oneflow as flow
     from of_face import parallel
-    from of_face.heads.partial_fc import PartialFC
+    from of_face.heads import build_head
     from of_face.models import build_backbone
 
     zoo = sorted(glob.glob(str(REPO / "configs" / "*_1n8c_dp_mp_fp16o1.yaml")))
@@ -78,8 +78,7 @@ def test_model_zoo_configs_build_and_run_at_reduced_class_count():
         assert cfg.Loss.num_classes == next(v for k, v in expected.items() if k in path)
         backbone = parallel.broadcast_module(build_backbone(cfg.Model))
         backbone.eval()
-        head = PartialFC(1000, cfg.Model.embedding_size, margin=cfg.Loss.margin, scale=cfg.Loss.scale,
-                         sample_rate=cfg.Loss.sample_rate)
+        head = build_head(cfg, 1000, 0)  # the run's head, at 1000 classes (0: no batch bound on the sample)
         with flow.no_grad():
             emb = backbone(parallel.batch(np.random.randn(2, 3, 112, 112).astype(np.float32)))
             loss = head(emb, parallel.batch(np.array([3, 999])))

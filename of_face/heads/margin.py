@@ -4,8 +4,8 @@ ArcFace = (1, 0.5, 0), CosFace = (1, 0, 0.4), SphereFace-like m1 > 1. Only one c
 changes, so the margin is computed on the [N] target cosines: the label column is marked with
 OneFlow's `combined_margin_loss` op on zeros (on class-split (S(1)) logits each rank marks only
 the columns it owns), a row sum all-reduces the target cosine, and the [N, C] work is two
-multiply-adds. The elementwise margin op over [N, C] with its where-guard cost ~0.4 s of a
-100k-class CPU step (docs/BENCHMARKS.md, P2).
+multiply-adds, cheaper than the elementwise margin op with its where-guard over [N, C] (figures:
+docs/BENCHMARKS.md, P2).
 
 Guard (insightface / arcface_torch convention, `easy_margin=False`), for m1 = 1: once theta + m2
 passes pi, cos(theta + m2) turns back up and would reward a target that moved *away*; there the
@@ -91,8 +91,8 @@ def per_row(v, like):
     """v [N] repeated along the columns of like [N, C] (same SBP as like).
 
     Spelled with broadcast_like because OneFlow 0.9's CPU kernels broadcast an [N, 1] operand
-    against [N, C] element by element: 0.74 s for a multiply at 128 x 50k, against 0.05 s for
-    broadcast_like plus a same-shape multiply.
+    against [N, C] element by element, an order of magnitude slower than broadcast_like plus a
+    same-shape op (docs/BENCHMARKS.md, P2).
     """
     return flow.broadcast_like(v.unsqueeze(1), like, broadcast_axes=[1])
 

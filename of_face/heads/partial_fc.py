@@ -34,6 +34,7 @@ gradient. Sampling ranks them last, so they are kept only on a rank with fewer r
 than its budget, and then still carry the bias.
 """
 import math
+from typing import Any, Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
 import oneflow as flow
@@ -46,23 +47,46 @@ from of_face.heads.margin import CombinedMargin, constant_like, label_columns, p
 PAD_LOGIT = -1e4
 
 
+class HeadOutput(NamedTuple):
+    """What one head call hands the step: what to differentiate (the loss plus the kept rows'
+    decay penalty), the loss to report, and the kept centres ([world, k] local ids per rank;
+    None without sampling), which eager mode's sparse update needs."""
+    objective: Any
+    loss: Any
+    kept: Optional[Any] = None
+
+
+def _num_sample(local_classes: int, sample_rate: float, global_batch: int) -> int:
+    # Positives of one batch can never exceed the batch size, so a budget of at least
+    # min(local_classes, global_batch) guarantees no positive is ever dropped.
+    budget = math.ceil(sample_rate * local_classes)
+    return min(local_classes, max(budget, global_batch))
+
+
 class PartialFC(nn.Module):
-    def __init__(self, num_classes, embedding_size, margin=(1.0, 0.5, 0.0), scale=64.0,
-                 sample_rate=1.0, device="auto", init_std=0.01, global_batch=0, sparse_update=False, seed=0):
+    """Class-split FC + PartialFC + combined margin + softmax CE (see the module docstring).
+
+    What it needs from the optimizer it states itself: `param_group()` (the FC group, with the
+    options sparse updates need) and `sparse_variables` (parameter names, relative to the head,
+    that the graph updates with indexed slices). `row_decay` is the weight decay of kept rows
+    that sparse SGD applies through a penalty (see `heads.sparse_fc_options`).
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: Sequence[float] = (1.0, 0.5, 0.0),
+                 scale: float = 64.0, sample_rate: float = 1.0, device: str = "auto", init_std: float = 0.01,
+                 global_batch: int = 0, sparse_update: bool = False, seed: int = 0, row_decay: float = 0.0,
+                 group_options: Optional[Dict[str, Any]] = None):
         super().__init__()
         self.num_classes = num_classes
         self.world = parallel.world_size()
         self.padded_classes = parallel.padded_classes(num_classes)
         self.local_classes = self.padded_classes // self.world
         self.sample_rate = sample_rate
-        # Positives of one batch can never exceed the batch size, so a budget of at least
-        # min(local_classes, global_batch) guarantees no positive is ever dropped.
-        budget = math.ceil(sample_rate * self.local_classes)
-        self.num_sample = min(self.local_classes, max(budget, global_batch))
+        self.num_sample = _num_sample(self.local_classes, sample_rate, global_batch)
         self.sampling = self.num_sample < self.local_classes
         self.sparse_update = sparse_update and self.sampling
-        self.row_decay = 0.0  # sparse SGD: decay of kept rows, set with the optimizer (train/optim.py)
-        self.last_index = None  # kept local ids [world, k] of the latest step (eager sparse update)
+        self.row_decay = float(row_decay) if self.sparse_update else 0.0
+        self.group_options = dict(group_options or {}) if self.sparse_update else {}
         self.device = device
         self.seed = seed
         self.weight = nn.Parameter(
@@ -72,6 +96,22 @@ class PartialFC(nn.Module):
         pad = np.zeros(self.padded_classes, np.float32)
         pad[num_classes:] = PAD_LOGIT
         self.pad_bias = parallel.fc_weight(pad, device) if self.padded_classes > num_classes else None
+
+    @staticmethod
+    def samples(num_classes: int, sample_rate: float, global_batch: int, world: Optional[int] = None) -> bool:
+        """Whether a head of these settings samples (keeps fewer than all its local centres)."""
+        local = parallel.padded_classes(num_classes, world) // (world or parallel.world_size())
+        return _num_sample(local, sample_rate, global_batch) < local
+
+    @property
+    def sparse_variables(self) -> tuple:
+        """Parameters (names relative to the head) whose gather + update the graph compiles to
+        indexed-slices updates: only kept rows and their optimizer state change."""
+        return ("weight",) if self.sparse_update else ()
+
+    def param_group(self) -> Dict[str, Any]:
+        """The optimizer group of the FC weight, with the options its update needs."""
+        return {"params": [p for p in self.parameters() if p.requires_grad], **self.group_options}
 
     # ------------------------------------------------------------------ sampling
     def step_noise(self, step, micro_batches=1):
@@ -144,18 +184,17 @@ class PartialFC(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def logits(self, embeddings, labels, noise=None):
-        """embeddings [N, D] split(0) -> (logits [N, C'] split(1), labels [N] broadcast in C')."""
+        """embeddings [N, D] split(0) -> (logits [N, C'] split(1), labels [N] broadcast in C',
+        kept index [world, k] or None, the kept rows' decay penalty or None)."""
         embeddings = parallel.gather(embeddings, keep_grad_split=True)
         labels = parallel.gather(labels)
-        pad_bias = self.pad_bias
-        self.penalty = None
+        pad_bias, index, penalty = self.pad_bias, None, None
         if self.sampling:
             index, labels = self.sample(labels, noise)
-            self.last_index = index
             weight = self.sparse_rows(index) if self.sparse_update else self.sampled_weight(index)
             pad_bias = self.sampled_pad_bias(index)
             if self.row_decay:
-                self.penalty = 0.5 * self.row_decay * (weight * weight).sum()
+                penalty = 0.5 * self.row_decay * (weight * weight).sum()
         else:
             weight = self.weight
         cosine = flow.matmul(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1), transpose_b=True)
@@ -163,17 +202,17 @@ class PartialFC(nn.Module):
         logits = self.margin(cosine.clamp(-1.0, 1.0), labels)
         if pad_bias is not None:
             logits = logits + pad_bias
-        return logits, labels
+        return logits, labels, index, penalty
 
     def forward(self, embeddings, labels, noise=None):
         """Mean softmax cross-entropy over the global batch (a scalar global tensor)."""
-        return self.objective(embeddings, labels, noise)[1]
+        return self.objective(embeddings, labels, noise).loss
 
-    def objective(self, embeddings, labels, noise=None):
-        """(what to differentiate, the reported loss): the loss plus the kept rows' decay penalty."""
-        logits, labels = self.logits(embeddings, labels, noise)
+    def objective(self, embeddings, labels, noise=None) -> HeadOutput:
+        """The loss, what to differentiate (loss + the kept rows' decay penalty) and the kept index."""
+        logits, labels, index, penalty = self.logits(embeddings, labels, noise)
         loss = class_split_cross_entropy(logits, labels, self.margin.max_logit)
-        return (loss if self.penalty is None else loss + self.penalty), loss
+        return HeadOutput(loss if penalty is None else loss + penalty, loss, index)
 
 
 # The shift leaves at most e^SHIFT_RANGE per class in the sum (no overflow below ~10^12 classes).
@@ -184,7 +223,7 @@ def class_split_cross_entropy(logits, labels, max_logit):
     """Mean softmax cross-entropy of logits [N, C] split along C, labels [N] broadcast.
 
     OneFlow's `sparse_softmax_cross_entropy` on split(1) logits spends most of a CPU step in its
-    row-max machinery (4.1 s of a 100k-class step on 2 ranks, against 0.8 s here), and an exact
+    row-max machinery (docs/BENCHMARKS.md, P2), and an exact
     row max of split logits costs a reshape that re-boxes the whole [N, C]. Here every op is local
     to the rank's columns except all-reduces of [N] vectors: log-sum-exp is shifted by
     c = max(target logit, max_logit - 80), detached (the result does not depend on c). Every

@@ -1,32 +1,78 @@
 """One training step, two ways: compiled (`nn.Graph`) or eager. Same modules, same tensors.
 
 Both take a global batch (images, labels split along the batch) and return the global mean
-loss; the trainer loop above them does not know which one it drives.
+loss; the trainer loop above them does not know which one it drives (`Stepper`). Each also
+owns its optimizer state in a form that does not depend on the mode (`StepperState`): slots
+named like eager OneFlow's (`momentum_buf`, `exp_avg`, `exp_avg_sq`) per parameter name, plus
+nn.Graph's own variables; the translation between nn.Graph's names and those lives here, so a
+checkpoint written in one mode resumes in the other.
 
-Activation checkpointing (`checkpointing=True`, graph mode only): every residual / transformer
-block of the backbone (`CHECKPOINT_BLOCKS`) is marked with OneFlow 0.9's per-module switch
-`proxy.to(GraphModule).activation_checkpointing = True`. OneFlow then keeps only each block's
-input for backward and recomputes the block's forward ops there (its compiled job gains ops
-named `Sys-Checkpointing-Fake-Fw-Op_*`): less activation memory for one extra forward pass.
+Activation checkpointing (`checkpointing=True`, graph mode only): every block the backbone
+names in `checkpoint_blocks()` (residual / transformer blocks) is marked with OneFlow 0.9's
+per-module switch `proxy.to(GraphModule).activation_checkpointing = True`. OneFlow then keeps
+only each block's input for backward and recomputes the block's forward ops there (its compiled
+job gains ops named `Sys-Checkpointing-Fake-Fw-Op_*`): less activation memory for one extra
+forward pass.
 """
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Protocol, Tuple
+
+import numpy as np
 import oneflow as flow
 import oneflow.nn as nn
 from oneflow.nn.graph import GraphModule
 
 from of_face import parallel
-from of_face.models.face_vit import Block as ViTBlock
-from of_face.models.iresnet import IBasicBlock
-from of_face.models.mobilefacenet import Bottleneck
+from of_face.models import checkpoint_blocks
 
-# The modules recomputed in backward: IResNet basic blocks, FaceViT transformer blocks,
-# MobileFaceNet bottlenecks that carry a residual add (the stride-1 stacks).
-CHECKPOINT_BLOCKS = (IBasicBlock, ViTBlock, Bottleneck)
+# nn.Graph's optimizer-state suffixes <-> eager optimizer state keys
+GRAPH_SLOTS = {"momentum": "momentum_buf", "m": "exp_avg", "v": "exp_avg_sq"}
+EAGER_SLOTS = {v: k for k, v in GRAPH_SLOTS.items()}
+OPTIMIZER_SLOTS = {"SGD": ("momentum_buf",), "AdamW": ("exp_avg", "exp_avg_sq")}
+# nn.Graph's optimizer step counter: drives the in-graph LR schedule and AdamW's bias correction
+TRAIN_STEP_VAR = "System-Train-TrainStep"
+GRAPH_NAME = "{graph}"  # stands for the graph's own name in saved variable names
 
 
 def checkpoint_block_names(backbone):
     """Dotted names of the backbone's blocks that activation checkpointing marks."""
-    return [name for name, m in backbone.named_modules()
-            if isinstance(m, CHECKPOINT_BLOCKS) and (not isinstance(m, Bottleneck) or m.residual)]
+    return checkpoint_blocks(backbone)
+
+
+@dataclass
+class StepperState:
+    """A stepper's optimizer state, the same shape in graph and eager mode.
+
+    slots:     {(parameter name, eager slot name): tensor placed like the parameter}
+    variables: nn.Graph's other variables by name, with GRAPH_NAME for the graph's own name
+               (step counter, AMP loss scale): global tensors when read, numpy when loaded
+    step:      optimizer steps taken (also drives PartialFC's per-step sampling noise)
+    scheduler: eager mode's LR-scheduler state (informational; the schedule is replayed on load)
+    """
+    slots: Dict[Tuple[str, str], Any] = field(default_factory=dict)
+    variables: Dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+    scheduler: Optional[dict] = None
+
+
+class Stepper(Protocol):
+    """What the trainer, the checkpoint and the tests drive: `STEPPERS[mode](...)`."""
+    steps_done: int
+
+    def __call__(self, images: flow.Tensor, labels: flow.Tensor) -> flow.Tensor: ...
+
+    def loss_scale(self) -> Optional[float]: ...
+
+    def state_dict(self) -> StepperState: ...
+
+    def load_state_dict(self, state: StepperState) -> None: ...
+
+
+def named_parameters(backbone, head) -> Dict[str, flow.Tensor]:
+    """Parameters by the names nn.Graph gives them (its attributes are `backbone` and `head`)."""
+    named = {f"backbone.{n}": p for n, p in backbone.named_parameters()}
+    named.update({f"head.{n}": p for n, p in head.named_parameters()})
+    return named
 
 
 class TrainGraph(nn.Graph):
@@ -45,12 +91,14 @@ class TrainGraph(nn.Graph):
                 proxy = getattr(proxy, part)
             proxy.to(GraphModule).activation_checkpointing = True
         self.add_optimizer(optimizer, lr_sch=scheduler)
-        if getattr(head, "sparse_update", False):
+        sparse_variables = getattr(head, "sparse_variables", ())
+        if sparse_variables:
             # gather(head.weight) + its optimizer -> indexed_slices_{momentum,adam}_update:
             # only the kept rows and their optimizer state are touched (see heads/partial_fc.py)
             sparse = self.config.proto.indexed_slices_optimizer_conf
             sparse.enable = True
-            sparse.include_op_names.op_name.append("head.weight")
+            for name in sparse_variables:
+                sparse.include_op_names.op_name.append(f"head.{name}")
         if accum_steps > 1:
             # the batch fed in is accum_steps micro-batches (split per rank along dim 0); OneFlow
             # averages their gradients (the loss / k) and steps optimizer and LR schedule once
@@ -60,9 +108,9 @@ class TrainGraph(nn.Graph):
             self.set_grad_scaler(flow.amp.GradScaler(init_scale=amp.init_scale, growth_interval=2000))
 
     def build(self, images, labels, noise=None):
-        objective, loss = self.head.objective(self.backbone(images), labels, noise)
-        objective.backward()
-        return loss
+        out = self.head.objective(self.backbone(images), labels, noise)
+        out.objective.backward()
+        return out.loss
 
 
 class EmbedGraph(nn.Graph):
@@ -79,7 +127,7 @@ class EmbedGraph(nn.Graph):
 class GraphStep:
     def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
         self.graph = TrainGraph(backbone, head, optimizer, scheduler, amp, checkpointing, accum_steps)
-        self.head, self.placement = head, head.weight.placement  # all ranks
+        self.backbone, self.head, self.placement = backbone, head, head.weight.placement  # all ranks
         self.accum_steps = accum_steps
         self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
 
@@ -107,6 +155,35 @@ class GraphStep:
                 return float(local[0]) if local.size else None
         return None
 
+    def state_dict(self) -> StepperState:
+        """nn.Graph's variables: optimizer slots (`<param>-momentum`, `-m`, `-v`) by eager name,
+        the rest (step counter, AMP's loss scale) under their names with GRAPH_NAME."""
+        named = named_parameters(self.backbone, self.head)
+        state = StepperState(step=self.steps_done)
+        for name, t in self.graph.state_dict().items():
+            if isinstance(t, dict) or "FreeEagerTensor" in name:  # constants (PartialFC's pad bias): rebuilt
+                continue
+            param, _, suffix = name.rpartition("-")
+            if param in named and suffix in GRAPH_SLOTS:
+                state.slots[(param, GRAPH_SLOTS[suffix])] = t
+            else:
+                state.variables[name.replace(self.graph.name, GRAPH_NAME)] = t
+        return state
+
+    def load_state_dict(self, state: StepperState) -> None:
+        """Before the first step: hand nn.Graph the slots and variables (numpy variables are
+        broadcast; slots come placed like their parameters)."""
+        graph = self.graph
+        values = {f"{param}-{EAGER_SLOTS[slot]}": t for (param, slot), t in state.slots.items()}
+        ref = next(iter(self.backbone.parameters()))
+        for name, value in state.variables.items():
+            name = name.replace(GRAPH_NAME, graph.name)
+            if "DynamicLossScale" in name and getattr(graph, "_grad_scaler", None) is None:
+                continue  # saved under AMP, resumed without: nothing to restore
+            values[name] = parallel.broadcast_array(value, ref.placement) if isinstance(value, np.ndarray) else value
+        graph.load_state_dict(values, strict=False)
+        self.steps_done = int(state.step)
+
 
 class EagerStep:
     def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
@@ -126,11 +203,11 @@ class EagerStep:
             micro[2] = self._micro_batches(self.head.step_noise(self.steps_done, self.accum_steps))
         self.steps_done += 1
         for x, y, noise in zip(*micro):
-            objective, micro_loss = self.head.objective(self.backbone(x), y, noise)
-            (objective / self.accum_steps).backward()  # gradients add up to the mean over micro-batches
-            loss = loss + micro_loss.detach() / self.accum_steps
-        if getattr(self.head, "sparse_update", False):
-            kept = self.head.sampled_mask(self.head.last_index).unsqueeze(1).to(flow.bool)  # exactly 0/1
+            out = self.head.objective(self.backbone(x), y, noise)
+            (out.objective / self.accum_steps).backward()  # gradients add up to the mean over micro-batches
+            loss = loss + out.loss.detach() / self.accum_steps
+        if getattr(self.head, "sparse_update", False):  # (no accumulation with it: one kept index)
+            kept = self.head.sampled_mask(out.kept).unsqueeze(1).to(flow.bool)  # exactly 0/1
             before = self._fc_state()
         for group in self.optimizer.param_groups:  # the graph clips inside its update
             if "clip_grad_max_norm" in group:
@@ -144,6 +221,34 @@ class EagerStep:
 
     def loss_scale(self):
         return None  # no AMP in eager mode
+
+    def state_dict(self) -> StepperState:
+        """The optimizer's slots by parameter name, its step count (also saved as the graph's
+        step counter, so the state resumes in graph mode) and the scheduler's state."""
+        named = named_parameters(self.backbone, self.head)
+        by_id = {id(p): n for n, p in named.items()}
+        state = StepperState(step=self.steps_done, scheduler=self.scheduler.state_dict())
+        for p, slots in self.optimizer._state.items():
+            if isinstance(p, str) or id(p) not in by_id or not isinstance(slots, dict):
+                continue
+            for slot, t in slots.items():
+                if isinstance(t, flow.Tensor):
+                    state.slots[(by_id[id(p)], slot)] = t
+        state.variables[TRAIN_STEP_VAR] = np.array([int(self.optimizer._state.get("step", 0))], np.int64)
+        return state
+
+    def load_state_dict(self, state: StepperState) -> None:
+        """Before the first step: slots into the optimizer, then the LR schedule replayed for the
+        saved optimizer step count (the same calls, so the same LR, as an unbroken run)."""
+        named = named_parameters(self.backbone, self.head)
+        for (param, slot), t in state.slots.items():
+            self.optimizer._state.setdefault(named[param], {})[slot] = t
+        count = state.variables.get(TRAIN_STEP_VAR)
+        count = int(np.asarray(count).reshape(-1)[0]) if count is not None else int(state.step)
+        self.optimizer._state["step"] = count
+        for _ in range(count):
+            self.scheduler.step()
+        self.steps_done = int(state.step)
 
     def _micro_batches(self, t):
         """Each rank's shard cut into accum_steps pieces, as the graph's gradient accumulation does."""

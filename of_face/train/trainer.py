@@ -8,17 +8,16 @@ import sys
 import time
 
 import numpy as np
-import oneflow as flow
 
 from of_face import checkpoint, parallel
 from of_face.config import ConfigError, save_config
 from of_face.data.augment import Augment
 from of_face.data.loader import ShardedLoader
 from of_face.data.recordio import RecordDataset
-from of_face.models import build_backbone
-from of_face.train.optim import build_head_and_optimizer, build_scheduler, lr_at
+from of_face.models.weights import save_backbone
+from of_face.train.optim import lr_at
 from of_face.train.progress import Progress
-from of_face.train.steps import STEPPERS
+from of_face.train.system import BatchPlan, build
 from of_face.train.verify import Verifier
 
 
@@ -44,7 +43,8 @@ def prepare_data(cfg):
                 difficulty=data.synth_difficulty,
             )
             log(f"synthetic identities in {data.root}: {summary['num_classes']} training identities, "
-                f"{summary['num_images']} images; verification pairs from {data.synth_val_identities} unseen identities")
+                f"{summary['num_images']} images; verification pairs from {data.synth_val_identities} "
+                "unseen identities")
         parallel.barrier()
     if not os.path.isdir(data.root):
         raise ConfigError(f"Data.root: folder not found: {data.root}")
@@ -77,8 +77,7 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         g = cfg.Global
-        flow.manual_seed(g.seed)  # same seed on every rank: identical broadcast initialisation
-        np.random.seed(g.seed)
+        np.random.seed(g.seed)  # (OneFlow's generator is seeded by build())
         self.out_dir = g.output_dir
         # a checkpoint to continue from (Global.resume): checked before anything is built or written
         self.resume_path = checkpoint.resolve_resume(g.resume, self.out_dir, log)
@@ -93,10 +92,10 @@ class Trainer:
                 log(f"removed {name}: a temporary file left by an interrupted run")
 
         self.dataset, self.num_classes = prepare_data(cfg)
-        world, accum = parallel.world_size(), cfg.Optimizer.accum_steps
+        world = parallel.world_size()
         try:
             self.loader = ShardedLoader(  # one batch = the micro-batches of one optimizer step
-                self.dataset, cfg.Data.batch_size * accum, parallel.rank(), world, seed=g.seed,
+                self.dataset, BatchPlan.from_config(cfg).loader_batch, parallel.rank(), world, seed=g.seed,
                 num_workers=cfg.Data.num_workers, flip=cfg.Data.flip, augment=Augment.from_config(cfg.Data),
             )
         except ValueError as e:  # fewer images than one global batch
@@ -105,39 +104,28 @@ class Trainer:
             raise ConfigError(
                 f"Data.batch_size={cfg.Data.batch_size} x {world} ranks exceeds the {len(self.dataset)} images"
             )
-        self.global_batch = cfg.Data.batch_size * world * accum  # samples per optimizer step
-        self.total_steps = g.epochs * len(self.loader)
-        if g.max_steps:
-            self.total_steps = min(self.total_steps, g.max_steps)
-        self.warmup_steps = int(cfg.LRScheduler.warmup_epochs * len(self.loader))
-
-        self.backbone = build_backbone(cfg.Model)
-        # The backbone's initialisers run on OneFlow's VM thread and draw from the default CPU
-        # generator, from which the global random ops below (FC init, in-graph sampling seeds)
-        # take their seeds on this thread: without waiting here the two race and the FC init
-        # differs from run to run (measured: different first losses for the same seed).
-        flow._oneflow_internal.eager.Sync()
-        if g.pretrained:
-            try:
-                checkpoint.load_backbone(self.backbone, g.pretrained)
-            except ValueError as e:
-                raise ConfigError(f"Global.pretrained: {e}") from None
-        self.backbone = parallel.broadcast_module(self.backbone, g.device)
-        self.head, self.optimizer = build_head_and_optimizer(cfg, self.backbone, self.num_classes,
-                                                             cfg.Data.batch_size * world)  # sampled per micro-batch
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, self.warmup_steps, cfg.LRScheduler.power)
-        self.step_fn = STEPPERS[g.mode](self.backbone, self.head, self.optimizer, self.scheduler, cfg.AMP,
-                                        checkpointing=cfg.Model.activation_checkpointing, accum_steps=accum)
+        self.system = build(cfg, self.num_classes, len(self.loader))
+        self.plan: BatchPlan = self.system.batch_plan
+        self.global_batch = self.plan.step_global  # samples per optimizer step
+        self.total_steps, self.warmup_steps = self.system.total_steps, self.system.warmup_steps
+        self.backbone, self.step_fn = self.system.backbone, self.system.step
         self.verifier = Verifier(cfg, self.backbone)
         self.metrics_path = os.path.join(self.out_dir, "metrics.csv")
         self.start = (0, 0, 0)  # (step, epoch, batches of that epoch already done)
         self.last_checkpoint = self.resume_path  # the newest good state of this run's lineage
         if self.resume_path:
-            meta = checkpoint.load_checkpoint(self.resume_path, self.backbone, self.head, self.optimizer,
-                                              self.scheduler, self.step_fn)
+            meta = checkpoint.load_checkpoint(self.resume_path, self.system)
             self.start = self._resume_position(meta)
             log(f"resumed from {self.resume_path}: step {self.start[0]}, epoch {self.start[1]}, "
                 f"batch {self.start[2]} of {len(self.loader)} (saved on {meta['world_size']} rank(s))")
+
+    @property
+    def head(self):
+        return self.system.head
+
+    @property
+    def optimizer(self):
+        return self.system.optimizer
 
     def _resume_position(self, meta):
         """Where the data order continues: the same (epoch, batch) when the global batch is the
@@ -154,10 +142,9 @@ class Trainer:
     def save_checkpoint(self, step, epoch, batch_in_epoch):
         g = self.cfg.Global
         meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "steps_per_epoch": len(self.loader),
-                "global_batch": self.global_batch, "total_steps": self.total_steps, "mode": g.mode,
-                "config": self.cfg.to_dict()}
-        path = checkpoint.save_checkpoint(self.out_dir, step, self.backbone, self.head, self.optimizer,
-                                          self.scheduler, self.step_fn, meta, keep=g.keep_checkpoints)
+                "global_batch": self.global_batch, "batch_plan": self.plan.to_dict(),
+                "total_steps": self.total_steps, "mode": g.mode, "config": self.cfg.to_dict()}
+        path = checkpoint.save_checkpoint(self.out_dir, step, self.system, meta, keep=g.keep_checkpoints)
         self.last_checkpoint = path
         return path
 
@@ -197,7 +184,7 @@ class Trainer:
                 step += 1
                 batch_in_epoch += 1
                 if step % g.log_interval == 0 or step == self.total_steps:
-                    values = [float(parallel.to_numpy(l)) for l in pending]
+                    values = [float(parallel.to_numpy(loss)) for loss in pending]
                     self._check_finite(values, step)
                     losses.extend(values)
                     scale = self.step_fn.loss_scale()  # AMP's live loss scale (graph mode, rank 0), else None
@@ -212,7 +199,7 @@ class Trainer:
         if step > self.start[0]:
             self._save_if_finite(step, epoch, batch_in_epoch, pending)
         results = self.verify(step, "final") if self.verifier.targets else {}
-        path = checkpoint.save_backbone(self.backbone, self.out_dir, step)
+        path = save_backbone(self.backbone, self.out_dir, step)
         self.progress.close()  # stops the bar; writes loss.png, lr.png, verification.png
         log(f"done: {step} steps in {time.time() - t_start:.0f}s; backbone saved to {path}")
         return {"losses": losses, "verification": results, "steps": step}
@@ -237,7 +224,7 @@ class Trainer:
     def _save_if_finite(self, step, epoch, batch_in_epoch, pending):
         """A checkpoint of the current state, unless a recent loss was not finite (then the
         previous checkpoints stay the newest: resuming never starts from a diverged state)."""
-        values = [float(parallel.to_numpy(l)) for l in pending]  # already computed: cheap
+        values = [float(parallel.to_numpy(loss)) for loss in pending]  # already computed: cheap
         if self._nonfinite or not all(math.isfinite(v) for v in values):
             log(f"step {step}: not saving a checkpoint, the loss is not finite")
             return None

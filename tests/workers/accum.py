@@ -11,28 +11,29 @@ import numpy as np
 import of_face  # noqa: F401
 import oneflow as flow
 from of_face import parallel
-from of_face.config import OptimizerCfg
-from of_face.heads.partial_fc import PartialFC
-from of_face.train.optim import build_optimizer, build_scheduler
-from of_face.train.steps import STEPPERS
+from of_face.config import load_config
+from of_face.train.system import build
 
 out, mode, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
 CLASSES, DIM, GLOBAL_BATCH, STEPS = 21, 8, 16, 4
+world, r = parallel.world_size(), parallel.rank()
+per_rank, micro = GLOBAL_BATCH // world, GLOBAL_BATCH // world // k
 rng = np.random.default_rng(0)
 linear = flow.nn.Linear(DIM, DIM)
 with flow.no_grad():
     linear.weight.copy_(flow.tensor(rng.normal(0, 0.3, (DIM, DIM)).astype(np.float32)))
     linear.bias.zero_()
-backbone = parallel.broadcast_module(linear)
-head = PartialFC(CLASSES, DIM, margin=(1.0, 0.5, 0.0), scale=16.0)
-head.weight = flow.nn.Parameter(parallel.fc_weight(rng.normal(0, 1, (head.padded_classes, DIM)).astype(np.float32)))
-optimizer = build_optimizer(OptimizerCfg(lr=0.2, momentum=0.9, weight_decay=5e-4, clip_grad_norm=0.0),
-                            backbone, head.parameters())
-scheduler = build_scheduler(optimizer, total_steps=STEPS, warmup_steps=2, power=2.0)  # LR differs every step
-step = STEPPERS[mode](backbone, head, optimizer, scheduler, accum_steps=k)
+cfg = load_config(None, [
+    f"Global.mode={mode}", "Global.seed=0", f"Model.embedding_size={DIM}", "Loss.margin=[1.0, 0.5, 0.0]",
+    "Loss.scale=16.0", "Optimizer.lr=0.2", "Optimizer.momentum=0.9", "Optimizer.weight_decay=5e-4",
+    "Optimizer.clip_grad_norm=0.0", "Optimizer.sparse_fc_update=false", f"Optimizer.accum_steps={k}",
+    f"Data.batch_size={micro}", "LRScheduler.power=2.0",
+])
+system = build(cfg, CLASSES, backbone=linear, total_steps=STEPS, warmup_steps=2)  # LR differs every step
+backbone, head, step = system.backbone, system.head, system.step
+with flow.no_grad():
+    head.weight.copy_(parallel.fc_weight(rng.normal(0, 1, (head.padded_classes, DIM)).astype(np.float32)))
 
-world, r = parallel.world_size(), parallel.rank()
-per_rank, micro = GLOBAL_BATCH // world, GLOBAL_BATCH // world // k
 losses = []
 for _ in range(STEPS):
     x = rng.standard_normal((GLOBAL_BATCH, DIM)).astype(np.float32)

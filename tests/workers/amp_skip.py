@@ -10,22 +10,19 @@ import sys
 import numpy as np
 
 import of_face  # noqa: F401
-import oneflow as flow
 from of_face import parallel
-from of_face.config import AMPCfg, ModelCfg, OptimizerCfg
-from of_face.heads.partial_fc import PartialFC
-from of_face.models import build_backbone
-from of_face.train.optim import build_optimizer, build_scheduler
-from of_face.train.steps import STEPPERS
+from of_face.config import load_config
+from of_face.train.system import build
 
 out = sys.argv[1]
-flow.manual_seed(0)
-backbone = parallel.broadcast_module(
-    build_backbone(ModelCfg(name="iresnet", layers=[1, 1, 1, 1], width=4, embedding_size=16)))
-head = PartialFC(21, 16, margin=(1.0, 0.0, 0.35), scale=16.0)
-optimizer = build_optimizer(OptimizerCfg(lr=0.1), backbone, head.parameters())
-scheduler = build_scheduler(optimizer, total_steps=100, warmup_steps=0, power=1.0)
-step = STEPPERS["graph"](backbone, head, optimizer, scheduler, AMPCfg(enable=True, init_scale=1024.0))
+cfg = load_config(None, [
+    "Global.mode=graph", "Global.seed=0", "Model.name=iresnet", "Model.layers=[1, 1, 1, 1]", "Model.width=4",
+    "Model.embedding_size=16", "Loss.margin=[1.0, 0.0, 0.35]", "Loss.scale=16.0", "Optimizer.lr=0.1",
+    "Optimizer.sparse_fc_update=false", "Data.batch_size=4", "LRScheduler.power=1.0",
+    "AMP.enable=true", "AMP.init_scale=1024.0",
+])
+system = build(cfg, 21, total_steps=100, warmup_steps=0)
+backbone, head, step = system.backbone, system.head, system.step
 
 
 def local_params():

@@ -1,4 +1,5 @@
-"""PartialFC sampling (host noise of `step_noise`) inside nn.Graph on 2 ranks, and one eager loss/gradient with its sample.
+"""PartialFC sampling (host noise of `step_noise`) inside nn.Graph on 2 ranks, and one eager
+loss/gradient with its sample.
 
 argv: out.json. Rank 0 writes the kept indices / remapped labels of many steps, and the data of
 one eager step for a numpy reference.

@@ -11,26 +11,25 @@ import numpy as np
 import of_face  # noqa: F401  (loads cuDNN/cuBLAS before OneFlow)
 import oneflow as flow
 from of_face import parallel
-from of_face.config import AMPCfg, OptimizerCfg
-from of_face.heads.partial_fc import PartialFC
-from of_face.train.optim import build_optimizer, sparse_fc_options
-from of_face.train.steps import STEPPERS
+from of_face.config import load_config
+from of_face.train.system import build
 
 out, mode, opt_name, sparse = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 amp = len(sys.argv) > 5 and sys.argv[5] == "1"
 CLASSES, DIM, BATCH, RATE, STEPS = 61, 8, 4, 0.3, 3  # 31 classes per rank (one padded), 10 kept
-cfg = OptimizerCfg(name=opt_name, lr=0.1, momentum=0.9, weight_decay=0.01, clip_grad_norm=0.0)
-flow.manual_seed(0)
-head = PartialFC(CLASSES, DIM, margin=(1.0, 0.0, 0.35), scale=16.0, sample_rate=RATE, global_batch=BATCH,
-                 sparse_update=sparse)
-fc_options, head.row_decay = sparse_fc_options(cfg) if sparse else ({}, 0.0)
+cfg = load_config(None, [
+    f"Global.mode={mode}", "Global.seed=0", f"Model.embedding_size={DIM}", "Loss.margin=[1.0, 0.0, 0.35]",
+    "Loss.scale=16.0", f"Loss.sample_rate={RATE}", f"Optimizer.name={opt_name}", "Optimizer.lr=0.1",
+    "Optimizer.momentum=0.9", "Optimizer.weight_decay=0.01", "Optimizer.clip_grad_norm=0.0",
+    f"Optimizer.sparse_fc_update={str(sparse).lower()}", f"Data.batch_size={BATCH // parallel.world_size()}",
+    "LRScheduler.power=0", f"AMP.enable={str(amp).lower()}",
+])
+system = build(cfg, CLASSES, backbone=flow.nn.Identity(), total_steps=STEPS, warmup_steps=0)  # constant LR
+head, step = system.head, system.step
 rng = np.random.default_rng(3)
 w0 = rng.normal(0, 1, (head.padded_classes, DIM)).astype(np.float32)
-head.weight = flow.nn.Parameter(parallel.fc_weight(w0))
-backbone = parallel.broadcast_module(flow.nn.Identity())
-optimizer = build_optimizer(cfg, backbone, head.parameters(), fc_options)
-scheduler = flow.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=1)
-step = STEPPERS[mode](backbone, head, optimizer, scheduler, AMPCfg(enable=amp))
+with flow.no_grad():
+    head.weight.copy_(parallel.fc_weight(w0))
 
 r, per_rank = parallel.rank(), BATCH // parallel.world_size()
 record = {"k": head.num_sample, "classes": CLASSES, "weights": [w0.tolist()], "x": [], "y": [], "loss": []}

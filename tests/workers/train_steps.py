@@ -10,25 +10,24 @@ import numpy as np
 import of_face  # noqa: F401
 import oneflow as flow
 from of_face import parallel
-from of_face.config import ModelCfg, OptimizerCfg
-from of_face.heads.partial_fc import PartialFC
-from of_face.models import build_backbone
-from of_face.train.optim import build_optimizer, build_scheduler
-from of_face.train.steps import STEPPERS
+from of_face.config import load_config
+from of_face.train.system import build
 
 out, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rate = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
 CLASSES = int(sys.argv[5]) if len(sys.argv) > 5 else 21
 GLOBAL_BATCH = 16
-flow.manual_seed(0)
-backbone = parallel.broadcast_module(
-    build_backbone(ModelCfg(name="iresnet", layers=[1, 1, 1, 1], width=4, embedding_size=16)))
-head = PartialFC(CLASSES, 16, margin=(1.0, 0.0, 0.35), scale=16.0, sample_rate=rate)
-head.weight = flow.nn.Parameter(parallel.fc_weight(
-    np.random.default_rng(1).normal(0, 0.01, (head.padded_classes, 16)).astype(np.float32)))
-optimizer = build_optimizer(OptimizerCfg(lr=0.1, momentum=0.9, weight_decay=5e-4), backbone, head.parameters())
-scheduler = build_scheduler(optimizer, total_steps=steps, warmup_steps=2, power=2.0)
-step = STEPPERS[mode](backbone, head, optimizer, scheduler)
+cfg = load_config(None, [
+    f"Global.mode={mode}", "Global.seed=0", "Model.name=iresnet", "Model.layers=[1, 1, 1, 1]", "Model.width=4",
+    "Model.embedding_size=16", "Loss.margin=[1.0, 0.0, 0.35]", "Loss.scale=16.0", f"Loss.sample_rate={rate}",
+    "Optimizer.lr=0.1", "Optimizer.momentum=0.9", "Optimizer.weight_decay=5e-4", "Optimizer.sparse_fc_update=false",
+    f"Data.batch_size={GLOBAL_BATCH // parallel.world_size()}", "LRScheduler.power=2.0",
+])
+system = build(cfg, CLASSES, total_steps=steps, warmup_steps=2)
+backbone, head, step = system.backbone, system.head, system.step
+with flow.no_grad():
+    head.weight.copy_(parallel.fc_weight(
+        np.random.default_rng(1).normal(0, 0.01, (head.padded_classes, 16)).astype(np.float32)))
 
 rng = np.random.default_rng(0)
 per_rank, r = GLOBAL_BATCH // parallel.world_size(), parallel.rank()

@@ -12,27 +12,25 @@ import of_face  # noqa: F401
 import oneflow as flow
 from of_face import parallel
 from of_face.config import load_config
-from of_face.models import build_backbone
-from of_face.train.optim import build_head_and_optimizer, build_scheduler
-from of_face.train.steps import STEPPERS
+from of_face.train.system import build
 
 out, mode, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 CLASSES, PER_RANK = 101, 8
 STEPS = 20 if kind == "mlp" else 6
 cfg = load_config("configs/default.yaml", [f"Global.mode={mode}", "Loss.sample_rate=0.5", "Model.embedding_size=16",
-                                           "Optimizer.sparse_fc_update=true", "Model.width=4", *sys.argv[4:]])
-flow.manual_seed(0)
+                                           "Optimizer.sparse_fc_update=true", "Model.width=4",
+                                           f"Data.batch_size={PER_RANK}", *sys.argv[4:]])
 rng = np.random.default_rng(0)
 if kind == "mlp":  # no BatchNorm
-    net = flow.nn.Sequential(flow.nn.Flatten(), flow.nn.Linear(3 * 16 * 16, 32), flow.nn.PReLU(32), flow.nn.Linear(32, 16))
+    flow.manual_seed(0)
+    net = flow.nn.Sequential(flow.nn.Flatten(), flow.nn.Linear(3 * 16 * 16, 32), flow.nn.PReLU(32),
+                             flow.nn.Linear(32, 16))
     size = 16
 else:
-    net, size = build_backbone(cfg.Model), 112
-backbone = parallel.broadcast_module(net)
-head, optimizer = build_head_and_optimizer(cfg, backbone, CLASSES, PER_RANK * parallel.world_size())
+    net, size = None, 112  # built by build() from cfg.Model
+system = build(cfg, CLASSES, backbone=net, total_steps=STEPS, warmup_steps=4)
+backbone, head, step = system.backbone, system.head, system.step
 assert head.sparse_update
-scheduler = build_scheduler(optimizer, total_steps=STEPS, warmup_steps=4, power=1.0)
-step = STEPPERS[mode](backbone, head, optimizer, scheduler)
 
 world, r = parallel.world_size(), parallel.rank()
 centres = rng.normal(0, 1, (CLASSES, 3, size, size)).astype(np.float32)

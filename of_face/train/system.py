@@ -1,0 +1,119 @@
+"""One build path: `build(cfg, num_classes, steps_per_epoch) -> TrainingSystem`.
+
+The trainer, the bench scripts and the test workers all wire backbone, head, optimizer, LR
+schedule and stepper through here, so a change to how the parts fit is made once. The batch
+size exists in several derived forms; `BatchPlan` computes them once from the config and the
+world size, and the checkpoint stores it (`of-face info` reads it back).
+"""
+from dataclasses import asdict, dataclass
+from typing import Optional, Tuple
+
+import oneflow as flow
+import oneflow.nn as nn
+
+from of_face import parallel
+from of_face.config import Config, ConfigError
+from of_face.heads import PartialFC, build_head
+from of_face.models import build_backbone
+from of_face.models.weights import load_backbone
+from of_face.train.optim import build_optimizer, build_scheduler
+from of_face.train.steps import STEPPERS, Stepper
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How many samples one step sees, in each of the forms the parts need.
+
+    per_rank:        Data.batch_size, one micro-batch on one rank
+    world:           ranks
+    accum_steps:     micro-batches per optimizer step (Optimizer.accum_steps)
+    steps_per_epoch: optimizer steps in one pass over the data (0: not known, e.g. a bench)
+    """
+    per_rank: int
+    world: int
+    accum_steps: int = 1
+    steps_per_epoch: int = 0
+
+    @property
+    def loader_batch(self) -> int:
+        """Samples one rank's loader yields per optimizer step (its micro-batches together)."""
+        return self.per_rank * self.accum_steps
+
+    @property
+    def micro_global(self) -> int:
+        """Samples the head sees at once: one micro-batch of every rank (PartialFC's positives)."""
+        return self.per_rank * self.world
+
+    @property
+    def step_global(self) -> int:
+        """Samples per optimizer step over all ranks: the global batch of the LR and of logs."""
+        return self.per_rank * self.world * self.accum_steps
+
+    @classmethod
+    def from_config(cls, cfg: Config, steps_per_epoch: int = 0, world: Optional[int] = None) -> "BatchPlan":
+        return cls(cfg.Data.batch_size, world or parallel.world_size(), cfg.Optimizer.accum_steps, steps_per_epoch)
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), loader_batch=self.loader_batch, micro_global=self.micro_global,
+                    step_global=self.step_global)
+
+    def describe(self) -> str:
+        accum = f" x {self.accum_steps} micro-batches" if self.accum_steps > 1 else ""
+        return (f"batch {self.per_rank} per rank x {self.world} rank(s){accum} = global batch {self.step_global}")
+
+
+@dataclass
+class TrainingSystem:
+    """Everything one training run steps: built by `build`, driven by the trainer."""
+    backbone: nn.Module  # broadcast over the ranks
+    head: PartialFC  # class-split FC + PartialFC + margin + CE
+    optimizer: flow.optim.Optimizer
+    scheduler: object  # OneFlow LR scheduler (compiled into the graph in graph mode)
+    step: Stepper
+    batch_plan: BatchPlan
+    total_steps: int
+    warmup_steps: int
+
+
+def schedule_length(cfg: Config, steps_per_epoch: int) -> Tuple[int, int]:
+    """(total optimizer steps, warm-up steps) of a run."""
+    total = cfg.Global.epochs * steps_per_epoch
+    if cfg.Global.max_steps:
+        total = min(total, cfg.Global.max_steps) if total else cfg.Global.max_steps
+    return total, int(cfg.LRScheduler.warmup_epochs * steps_per_epoch)
+
+
+def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: Optional[nn.Module] = None,
+          total_steps: Optional[int] = None, warmup_steps: Optional[int] = None) -> TrainingSystem:
+    """Wire a run: backbone (from `Model`, or the local module given; `Global.pretrained` loaded
+    into it), broadcast over the ranks; the head from `Loss`/`Optimizer`; one optimizer; the LR
+    schedule; the stepper of `Global.mode`. Every rank calls it with the same arguments.
+
+    total_steps / warmup_steps default to the config's epochs (or max_steps) and warm-up epochs
+    over `steps_per_epoch`; callers without a data set (benches, test workers) pass them.
+    """
+    plan = BatchPlan.from_config(cfg, steps_per_epoch)
+    total, warmup = schedule_length(cfg, steps_per_epoch)
+    total = total if total_steps is None else total_steps
+    warmup = warmup if warmup_steps is None else warmup_steps
+    flow.manual_seed(cfg.Global.seed)  # same seed on every rank: identical broadcast initialisation
+    if backbone is None:
+        backbone = build_backbone(cfg.Model)
+    # The backbone's initialisers run on OneFlow's VM thread and draw from the default CPU
+    # generator, from which the global random ops below (FC init, in-graph sampling seeds)
+    # take their seeds on this thread: without waiting here the two race and the FC init
+    # differs from run to run (measured: different first losses for the same seed).
+    flow._oneflow_internal.eager.Sync()
+    if cfg.Global.pretrained:
+        try:
+            load_backbone(backbone, cfg.Global.pretrained)
+        except ValueError as e:
+            raise ConfigError(f"Global.pretrained: {e}") from None
+    backbone = parallel.broadcast_module(backbone, cfg.Global.device)
+    head = build_head(cfg, num_classes, plan.micro_global)  # sampled per micro-batch
+    optimizer = build_optimizer(cfg.Optimizer, backbone, head)
+    scheduler = build_scheduler(optimizer, total, warmup, cfg.LRScheduler.power)
+    step = STEPPERS[cfg.Global.mode](backbone, head, optimizer, scheduler, cfg.AMP,
+                                     checkpointing=cfg.Model.activation_checkpointing,
+                                     accum_steps=plan.accum_steps)
+    return TrainingSystem(backbone, head, optimizer, scheduler, step, plan, total, warmup)
