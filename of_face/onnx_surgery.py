@@ -185,7 +185,8 @@ def _dynamic_reshape_target(node, target, in_shape, traced_batch):
     if i < len(in_shape) and in_shape[i] == target[i]:
         new[i] = 0  # the same axis passes through: copy it from the input
     elif -1 in target.tolist():
-        raise ExportError(f"Reshape {node.name}: target {target.tolist()} already has -1; cannot make the batch dynamic")
+        raise ExportError(f"Reshape {node.name}: target {target.tolist()} already has -1; "
+                          "cannot make the batch dynamic")
     else:
         new[i] = -1  # batch merged into / split off another axis: infer it
     return new

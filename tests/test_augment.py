@@ -72,7 +72,7 @@ def test_same_seed_same_batches_for_0_and_2_workers_and_order_unchanged():
     # another seed, or the next epoch, augments the same items differently (labels = item ids)
     first = dict(zip(labels.tolist(), images))
     for other_images, other_labels in (run(8, 0), run(7, 0, epoch=1)):
-        common = [(first[l], im) for l, im in zip(other_labels.tolist(), other_images) if l in first]
+        common = [(first[label], im) for label, im in zip(other_labels.tolist(), other_images) if label in first]
         assert len(common) > 3 and all(not np.array_equal(a, b) for a, b in common)
 
 

@@ -119,7 +119,8 @@ def port_in_use(w, out):
 
 
 CASES = [
-    ("unknown_key", unknown_key, 2, ["unknown config key 'Global.save_intervall'", "did you mean 'Global.save_interval'"]),
+    ("unknown_key", unknown_key, 2,
+     ["unknown config key 'Global.save_intervall'", "did you mean 'Global.save_interval'"]),
     ("wrong_type", wrong_type, 2, ["Data.batch_size: expected int, got 'four'"]),
     ("missing_data", missing_data, 2, ["Data.root: folder not found", "no_such_folder"]),
     ("truncated_rec", truncated_rec, 2, ["Data.root:", "train.rec", "truncated"]),
@@ -130,7 +131,7 @@ CASES = [
     ("checkpoint_other_classes", checkpoint_other_classes, 2, [GOOD, "FC weight is [12 classes", "[9 classes"]),
     ("checkpoint_cut_in_half", checkpoint_cut_in_half, 2, ["ckpt-00000001.npz", "unreadable or truncated checkpoint"]),
     ("non_finite_loss", non_finite_loss, 3,
-     ["loss is nan at steps 3..5", "Global.max_nonfinite_steps=3", "stopped at step 5", f"Last good checkpoint: "]),
+     ["loss is nan at steps 3..5", "Global.max_nonfinite_steps=3", "stopped at step 5", "Last good checkpoint: "]),
     ("port_in_use", port_in_use, 2, ["master port", "already in use"]),
 ]
 

@@ -205,7 +205,8 @@ def test_truncated_rec_is_reported_with_file_and_record(tmp_path):
     # cut in the middle of the images: the index points past the end of the file
     (tmp_path / "train.rec").write_bytes(data[: len(data) // 2])
     (tmp_path / "train.idx").write_text(index)
-    with pytest.raises(ValueError, match=r"train.rec: truncated or not matching .*train.idx \(record \d+ starts at byte"):
+    with pytest.raises(ValueError,
+                       match=r"train.rec: truncated or not matching .*train.idx \(record \d+ starts at byte"):
         RecordDataset(tmp_path)
     # cut inside the last image record only (its start is still inside the file)
     offsets = sorted(int(line.split("\t")[1]) for line in index.splitlines())

@@ -29,7 +29,7 @@ def test_every_positive_is_kept_and_labels_are_remapped(result):
 
 
 def test_padded_class_never_kept_and_negatives_uniform(result):
-    k, local = result["k"], result["local"]
+    local = result["local"]
     counts = np.zeros(2 * local, int)
     for s in result["steps"]:
         for cls in np.concatenate(kept_classes(s["index"], local)):
@@ -45,7 +45,7 @@ def test_padded_class_never_kept_and_negatives_uniform(result):
 
 
 def test_sampled_loss_and_gradient_match_numpy(result):
-    k, local, s, m3 = result["k"], result["local"], 16.0, 0.35
+    local, s, m3 = result["local"], 16.0, 0.35
     w = np.asarray(result["weight"], np.float64)
     x = np.asarray(result["emb"], np.float64)
     y = np.asarray(result["labels"])

@@ -83,5 +83,6 @@ def test_sparse_update_refuses_amp():
 
     with pytest.raises(ConfigError, match="Optimizer.sparse_fc_update"):
         load_config("configs/default.yaml", ["Loss.sample_rate=0.1", "AMP.enable=true"])
-    cfg = load_config("configs/default.yaml", ["Loss.sample_rate=0.1", "AMP.enable=true", "Optimizer.sparse_fc_update=false"])
+    cfg = load_config("configs/default.yaml",
+                      ["Loss.sample_rate=0.1", "AMP.enable=true", "Optimizer.sparse_fc_update=false"])
     assert cfg.AMP.enable and not cfg.Optimizer.sparse_fc_update
