@@ -6,12 +6,16 @@ a wrong type or an impossible value stops with one `ConfigError` naming the key.
 """
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import yaml
+
+
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class ConfigError(ValueError):
@@ -106,6 +110,12 @@ class LossCfg:
             raise ConfigError(f"Loss.margin: m1 must be > 0, got {self.margin[0]}")
         if self.scale <= 0:
             raise ConfigError(f"Loss.scale: expected > 0, got {self.scale}")
+        # the largest |logit| the margins can make (the guarded ArcFace branch reaches
+        # cos - m2*sin(m2) - m3 at cos = -1) must be a float32 number
+        bound = self.scale * (1.0 + abs(self.margin[1]) + abs(self.margin[2]))
+        if not math.isfinite(bound) or bound > FLOAT32_MAX:
+            raise ConfigError(f"Loss.scale: {self.scale} makes logits up to {bound:.3g}, beyond float32 "
+                              f"({FLOAT32_MAX:.3g}); use a scale like 64")
         if not 0.0 < self.sample_rate <= 1.0:
             raise ConfigError(f"Loss.sample_rate: expected a value in (0, 1], got {self.sample_rate}")
 

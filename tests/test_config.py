@@ -93,3 +93,9 @@ def test_exponent_floats_without_a_dot_are_floats():
     assert cfg.Optimizer.lr == 0.001 and cfg.Optimizer.weight_decay == 0.0005
     with pytest.raises(ConfigError, match="Optimizer.lr"):
         load_config("configs/default.yaml", ["Optimizer.lr=fast"])
+
+
+def test_a_scale_whose_logits_float32_cannot_hold_is_refused():
+    with pytest.raises(ConfigError, match=r"Loss.scale: 3e\+38 makes logits up to 4.5e\+38, beyond float32"):
+        load_config(None, ["Loss.scale=3e38"])
+    assert load_config(None, ["Loss.scale=1e6"]).Loss.scale == 1e6  # large but representable

@@ -87,6 +87,20 @@ def row_sum(x):
     return parallel.gather(total) if total.is_global else total
 
 
+def row_max(x):
+    """x [N, C] -> [N], the max over all columns, on every rank.
+
+    On class-split x each rank takes the max of its own columns (x viewed as [N, world, C/world],
+    split along the middle axis: a local view, no data moves) and only the [N, world] maxima are
+    all-gathered. OneFlow's own reduce over the split axis re-boxes x instead.
+    """
+    if not x.is_global or x.sbp != parallel.SBP_LOGITS:
+        return x.max(dim=1)[0]
+    world = parallel.world_size()
+    local = x.view(x.shape[0], world, x.shape[1] // world).max(dim=2)[0]  # [N, world] split(1)
+    return parallel.gather(local).max(dim=1)[0]
+
+
 def per_row(v, like):
     """v [N] repeated along the columns of like [N, C] (same SBP as like).
 
