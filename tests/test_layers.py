@@ -30,7 +30,7 @@ RANKS = {
     "of_face.models.": "models", "of_face.models": "models",
     "of_face.heads.": "heads", "of_face.heads": "heads",
     "of_face.config": "config",
-    "of_face.checkpoint": "train", "of_face.train.": "train", "of_face.train": "train",
+    "of_face.checkpoint": "train", "of_face.run_folder": "train", "of_face.train.": "train", "of_face.train": "train",
     "of_face.export": "export", "of_face.onnx_surgery": "export",
     "of_face.eval.": "eval", "of_face.eval": "eval",
     "of_face.report": "top", "of_face.cli": "top",

@@ -12,8 +12,9 @@ everywhere:
       Default 127.5 / 127.5, except for an of_face export made with --bake-normalization, whose
       metadata says the model takes raw pixels (mean 0, std 1). --mean / --std override either
       (the shared MobileFaceNet wants --std 128).
-  --checkpoint RUN: a run folder (backbone.npz + config.yaml) or a backbone.npz, with
-      -c/--config CONFIG when the config.yaml is not next to it; training normalisation.
+  --checkpoint RUN: a run folder (backbone.npz + config.yaml, else its newest ckpt-*), a
+      backbone.npz (-c/--config CONFIG when the config.yaml is not next to it) or a ckpt-*
+      training checkpoint (its stored config); training normalisation. The one used is printed.
 """
 import argparse
 from typing import Callable, Optional

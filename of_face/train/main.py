@@ -14,6 +14,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from of_face.run_folder import die_with_parent
+
+    die_with_parent()  # a rank never outlives its launcher (killing the launcher stops the run)
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.override)
