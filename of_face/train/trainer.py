@@ -55,11 +55,8 @@ def prepare_data(cfg):
             dataset = open_image_dataset(data.root, resize=data.resize)
         except ValueError as e:
             raise ConfigError(f"Data.root: {e}") from None
-    else:  # the models take 112x112 crops: hold every record to that, not just to `property`
-        try:  # a cut or mismatched train.rec/.idx/property: one message naming the file
-            dataset = RecordDataset(data.root, resize=data.resize, image_size=(112, 112))
-        except ValueError as e:
-            raise ConfigError(f"Data.root: {e}") from None
+    else:
+        dataset = _open_record_dataset(data)
     num_classes = cfg.Loss.num_classes or dataset.num_classes
     if cfg.Loss.num_classes and cfg.Loss.num_classes != dataset.num_classes:
         raise ConfigError(
@@ -71,6 +68,28 @@ def prepare_data(cfg):
         raise ConfigError(f"{data.root}: image {bad[0]} has label {labels[bad[0]]}, outside 0..{num_classes - 1} "
                           f"({len(bad)} such images)")
     return dataset, num_classes
+
+
+def _open_record_dataset(data):
+    """RecordDataset on every rank; rank 0 first, so that it alone builds the label index and its
+    cache (of_face/data/record_index.py) and the other ranks read that."""
+    def open_():
+        try:  # the models take 112x112 crops: hold every record to that, not just to `property`
+            dataset = RecordDataset(data.root, resize=data.resize, image_size=(112, 112), log=log)
+            dataset.labels()  # the labels into the cache too
+            return dataset
+        except ValueError as e:  # a cut or mismatched train.rec/.idx/property: one message naming the file
+            raise ConfigError(f"Data.root: {e}") from None
+
+    dataset, error = None, None
+    if parallel.rank() == 0:
+        try:
+            dataset = open_()
+        except (ConfigError, FileNotFoundError) as e:
+            error = e
+    if not parallel.all_ok(error is None):
+        raise error or ConfigError(f"Data.root: {data.root} could not be opened (see rank 0)")
+    return dataset if dataset is not None else open_()
 
 
 class Trainer:
