@@ -42,6 +42,9 @@ class RunFolderError(ConfigError):
     """The run folder cannot be used for this run (held by another run, holds another run's work)."""
 
 
+LOCK_WAIT_S = 10.0  # a holder on this host that is exiting (its launcher just killed it) gets this long
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -49,7 +52,21 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, someone else's
         return True
-    return True
+    try:  # a zombie (exited, not yet reaped) is not a run
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _outlives(pid: int, seconds: float) -> bool:
+    """Whether process `pid` is still alive after up to `seconds` of waiting for it to end."""
+    deadline = time.time() + seconds
+    while pid_alive(pid):
+        if time.time() >= deadline:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -110,7 +127,7 @@ def take_lock(out_dir: str, run_id: str, log: Optional[Callable[[str], None]] = 
         pid, host = held.get("pid"), held.get("host")
         if pid == os.getpid() and host == me["host"]:
             return held
-        if host == me["host"] and isinstance(pid, int) and not pid_alive(pid):
+        if host == me["host"] and isinstance(pid, int) and not _outlives(pid, LOCK_WAIT_S):
             if log:
                 log(f"{out_dir}: taking over the lock of a run that is gone (pid {pid}, started {held.get('started')})")
             try:
