@@ -2,8 +2,9 @@
 
 - A lock file `.of_face.lock` (JSON: pid, host, start time, run id) is taken by rank 0 at start
   and removed when the process exits. Another live run's lock refuses the start with one message;
-  a lock left by a dead process on this host (kill -9, OOM) is taken over; a lock of another host
-  cannot be checked and is refused, naming the file to delete if that run is known to be gone.
+  a lock left by a dead process on this host (kill -9, OOM) is taken over (one still exiting is
+  waited for up to LOCK_WAIT_S); a lock of another host cannot be checked and is refused, naming
+  the file to delete if that run is known to be gone.
 - Every checkpoint records its run id (`meta["run_id"]`); a resumed run keeps the id of the
   checkpoint it continues (its lineage). Rotation deletes only checkpoints of this lineage.
 - A fresh run into a folder that holds another run's checkpoints or backbone.npz is refused
