@@ -183,23 +183,18 @@ def _fc_rows(key):  # the keys split along classes
 
 
 def _pad_rows(array, rows):
-    if array.shape[0] == rows:
-        return array
-    pad = np.zeros((rows - array.shape[0],) + array.shape[1:], array.dtype)
-    return np.concatenate([array, pad])
+    return array if array.shape[0] == rows else np.concatenate(
+        [array, np.zeros((rows - array.shape[0],) + array.shape[1:], array.dtype)])
 
 
 def save_checkpoint(out_dir: str, step: int, system, meta: dict, keep: int = 0,
                     last_good: Optional[str] = None) -> str:
-    """Write ckpt-<step>.npz for a `TrainingSystem` (collective: every rank calls it; rank 0
-    writes). Returns its path.
-
-    `meta`: the trainer's JSON-able position (epoch, batch in epoch, batch plan, ...) and config.
+    """Write ckpt-<step>.npz (rank 0) or, with meta["checkpoint_format"] "sharded", ckpt-<step>/
+    (every rank) for a `TrainingSystem`; collective. Returns its path. `meta`: the trainer's
+    JSON-able position (epoch, batch in epoch, batch plan, run id, ...) and config.
     `keep` > 0 deletes all but the newest `keep` checkpoints of this run (meta["run_id"]) afterwards.
     A failed write raises CheckpointWriteError on every rank naming the file and `last_good`."""
-    # Wait for every queued step (graph or eager) before reading parameters and optimizer state,
-    # as nn.Graph.state_dict() itself does.
-    flow._oneflow_internal.eager.Sync()
+    flow._oneflow_internal.eager.Sync()  # every queued step done (as nn.Graph.state_dict() does)
     backbone, head = system.backbone, system.head
     state = system.step.state_dict()
     sources = {f"model/backbone.{k}": v for k, v in backbone.state_dict().items()}
@@ -244,26 +239,31 @@ def save_checkpoint(out_dir: str, step: int, system, meta: dict, keep: int = 0,
             _write_npz(path, arrays)
     except OSError as e:  # disk full, quota, I/O error: the temporary is gone, the old files intact
         error = e
-    _agree(error, path, last_good)
+    _agree(error, path, last_good, tmp if sharded else None)
     if sharded:  # every rank's rows are on disk: the manifest and the rename make the set whole
         try:
             if rank == 0:
                 shards.finish(path, tmp, meta, sorted(local), world, head.weight.shape[0], rows)
         except OSError as e:
             error = e
-        _agree(error, path, last_good)
+        _agree(error, path, last_good, tmp)
     if rank == 0 and keep > 0:
         rotate(out_dir, keep, meta.get("run_id") or "legacy")
     parallel.barrier()
     return path
 
 
-def _agree(error: Optional[OSError], path: str, last_good: Optional[str]) -> None:
-    """Every rank learns whether every rank's write succeeded (one collective), so a failed write
-    stops all of them instead of leaving the others waiting in the next step."""
-    if parallel.all_ok(error is None):
+def _agree(error: Optional[OSError], path: str, last_good: Optional[str], partial: Optional[str] = None) -> None:
+    """Every rank learns every rank's write outcome (one collective: errno, 0 = written), so a
+    failed write stops all of them instead of leaving the others waiting in the next step. Rank 0
+    names the file, the first failing rank's error and the last good checkpoint."""
+    codes = parallel.all_gather_int(0 if error is None else (error.errno or -1))
+    if not codes.any():
         return
-    why = f"{error.strerror or error}" if error is not None else "failed on another rank"
+    if partial and parallel.rank() == 0:  # a sharded save's folder: never becomes a checkpoint
+        shutil.rmtree(partial, ignore_errors=True)
+    r = int(np.flatnonzero(codes)[0])
+    why = (os.strerror(codes[r]) if codes[r] > 0 else "write error") + (f" on rank {r}" if r else "")
     raise CheckpointWriteError(f"could not write checkpoint {path} ({why}); the run stops. Last good checkpoint: "
                                f"{last_good or 'none (no checkpoint was saved)'}")
 

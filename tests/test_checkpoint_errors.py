@@ -35,19 +35,23 @@ def launch(target, args, timeout=400):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_disk_full_while_checkpointing_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path, faces):
+@pytest.mark.parametrize("fmt,rank", [("npz", 0), ("sharded", 1)])
+def test_disk_full_while_checkpointing_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path, faces, fmt, rank):
     out = tmp_path / "run"
-    rc, text = launch([str(REPO / "tests/workers/train_enospc.py"), "4"], overrides(faces, out))
-    want = (f"error: could not write checkpoint {out / 'ckpt-00000004.npz'} (No space left on device); the run "
-            f"stops. Last good checkpoint: {out / 'ckpt-00000002.npz'}")
+    ext = ".npz" if fmt == "npz" else ""
+    args = overrides(faces, out, f"Global.checkpoint_format={fmt}")
+    rc, text = launch([str(REPO / "tests/workers/train_enospc.py"), "4", str(rank)], args)
+    where = f" on rank {rank}" if rank else ""
+    want = (f"error: could not write checkpoint {out / ('ckpt-00000004' + ext)} (No space left on device{where}); "
+            f"the run stops. Last good checkpoint: {out / ('ckpt-00000002' + ext)}")
     assert rc != 0, text[-4000:]  # the rank's 2, reported by the launcher as 1
     assert text.count(want) == 1, text[-4000:]
     assert f"File \"{REPO / 'of_face'}" not in text, text[-4000:]  # no traceback of a rank
-    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt-00000002.npz"]
-    assert checkpoint.latest_checkpoint(str(out)) == str(out / "ckpt-00000002.npz")
+    assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == [f"ckpt-00000002{ext}"]
+    assert checkpoint.latest_checkpoint(str(out)) == str(out / f"ckpt-00000002{ext}")
 
     # the kept checkpoint is whole: the run continues from it to the end
-    rc, text = launch(["-m", "of_face.train.main"], overrides(faces, out, "Global.resume=auto"))
+    rc, text = launch(["-m", "of_face.train.main"], args + ["Global.resume=auto"])
     assert rc == 0, text[-4000:]
-    assert f"resumed from {out / 'ckpt-00000002.npz'}: step 2" in text
-    assert (out / "ckpt-00000006.npz").is_file()
+    assert f"resumed from {out / ('ckpt-00000002' + ext)}: step 2" in text
+    assert (out / f"ckpt-00000006{ext}").exists()
