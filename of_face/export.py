@@ -253,7 +253,7 @@ def _quiet(fn, *args, **kwargs):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="of-face export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="run output folder or backbone.npz")
+    ap.add_argument("--checkpoint", required=True, help="run output folder, backbone.npz or ckpt-* checkpoint")
     ap.add_argument("--out", required=True, help="ONNX file to write")
     ap.add_argument("-c", "--config", default=None, help="config.yaml (default: the one next to the checkpoint)")
     ap.add_argument("--opset", type=int, default=11)

@@ -56,7 +56,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     """--model/--model-root | --checkpoint (one required), -c/--config, --mean, --std, --threads."""
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--model", "--model-root", dest="model", help="ONNX model file")
-    group.add_argument("--checkpoint", help="training run folder (backbone.npz + config.yaml) or a backbone.npz")
+    group.add_argument("--checkpoint", help="training run folder (its backbone.npz, else newest ckpt-*), backbone.npz "
+                       "or a ckpt-* checkpoint")
     ap.add_argument("-c", "--config", default=None, help="with --checkpoint: config.yaml if not next to it")
     ap.add_argument("--mean", type=float, default=None,
                     help="ONNX only: pixel mean (default 127.5; 0 for an of_face export with baked normalisation)")
