@@ -40,9 +40,14 @@ class GlobalCfg:
     keep_checkpoints: int = 2
     resume: Optional[str] = None  # auto (newest complete checkpoint in output_dir, if any) | a ckpt file | a folder
     max_nonfinite_steps: int = 1  # stop once the loss is NaN/inf for this many consecutive steps
+    # a fresh run into a folder holding another run's checkpoints moves them to replaced-<time>/ (of_face/run_folder.py)
+    overwrite: bool = False
+    allow_resume_changes: List[str] = field(default_factory=list)  # e.g. [Optimizer.name], [Model]: resume anyway
+    checkpoint_format: str = "npz"  # npz (one file, rank 0) | sharded (every rank its FC rows: checkpoint_shards.py)
 
     def check(self):
         _choice("Global.mode", self.mode, ("graph", "eager"))
+        _choice("Global.checkpoint_format", self.checkpoint_format, ("npz", "sharded"))
         _at_least("Global.save_interval", self.save_interval, 0)
         _at_least("Global.keep_checkpoints", self.keep_checkpoints, 0)
         _at_least("Global.max_nonfinite_steps", self.max_nonfinite_steps, 1)

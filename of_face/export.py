@@ -3,8 +3,10 @@
     of-face export --checkpoint OUTPUT_DIR --out model.onnx [-c config.yaml] [--opset 11]
         [--bake-normalization] [--tolerance 1e-4]          (or python -m of_face.export ...)
 
-`--checkpoint` is a training run's output folder (backbone.npz + config.yaml) or a `backbone.npz`
-file (its config.yaml is read from the same folder unless `-c/--config` names one).
+`--checkpoint` is a training run's output folder (backbone.npz + config.yaml, or else its newest
+complete `ckpt-*` training checkpoint), a `backbone.npz` file (its config.yaml is read from the
+same folder unless `-c/--config` names one) or a `ckpt-*` checkpoint (the model config stored in
+it). The line it prints names the checkpoint used.
 
 The ONNX model holds the backbone only, FP32, input `input` float32 [N, 3, 112, 112] (NCHW, RGB)
 with a dynamic batch N, output `embedding` [N, d] (not L2-normalised). Pixels are normalised
@@ -32,7 +34,8 @@ import numpy as np
 import of_face  # noqa: F401  (preloads libraries; must precede oneflow)
 import oneflow as flow
 
-from of_face.models.weights import BACKBONE_FILE, load_backbone
+from of_face import checkpoint
+from of_face.models.weights import BACKBONE_FILE, load_backbone, load_backbone_state
 from of_face.config import Config, ModelCfg, load_config
 from of_face.data.loader import normalize
 from of_face.io import atomic_path
@@ -52,14 +55,27 @@ TRACE_BATCH = 11
 
 
 def resolve_checkpoint(run_dir_or_checkpoint, config=None):
-    """(path of backbone.npz, ModelCfg) from a run folder or an .npz and an optional config."""
+    """(path, ModelCfg) from a run folder or a file and an optional config.
+
+    A run folder: its backbone.npz, else its newest complete `ckpt-*` training checkpoint. A
+    training checkpoint's model comes from the config stored in it unless `config` is given; a
+    backbone.npz's from the config.yaml beside it."""
     path = os.fspath(run_dir_or_checkpoint)
-    if os.path.isdir(path):
+    npz = path
+    if os.path.isdir(path) and not checkpoint.is_training_checkpoint(path):  # a run folder
         npz = os.path.join(path, BACKBONE_FILE)
-    else:
-        npz = path
-    if not os.path.isfile(npz):
+        if not os.path.isfile(npz):
+            npz = checkpoint.latest_checkpoint(path)
+            if npz is None:
+                raise FileNotFoundError(f"checkpoint not found: {path} holds no {BACKBONE_FILE} and no complete "
+                                        "ckpt-* training checkpoint")
+    if not os.path.exists(npz):
         raise FileNotFoundError(f"checkpoint not found: {npz}")
+    if config is None and checkpoint.is_training_checkpoint(npz):
+        stored = (checkpoint.read_meta(npz).get("config") or {}).get("Model")
+        if stored is None:
+            raise FileNotFoundError(f"{npz}: no config stored in the checkpoint; pass the run's config (--config)")
+        return npz, ModelCfg(**stored)
     if config is None:
         config = os.path.join(os.path.dirname(os.path.abspath(npz)), "config.yaml")
         if not os.path.isfile(config):
@@ -74,10 +90,14 @@ def resolve_checkpoint(run_dir_or_checkpoint, config=None):
 
 
 def load_model(run_dir_or_checkpoint, config=None):
-    """Local backbone in eval mode with the checkpoint's weights: (module, ModelCfg, npz path)."""
+    """Local backbone in eval mode with the checkpoint's weights: (module, ModelCfg, path used)."""
     npz, model_cfg = resolve_checkpoint(run_dir_or_checkpoint, config)
     model = build_backbone(model_cfg)
-    load_backbone(model, npz)
+    if checkpoint.is_training_checkpoint(npz):
+        state, _ = checkpoint.read_backbone(npz)
+        load_backbone_state(model, state, npz)
+    else:
+        load_backbone(model, npz)
     model.eval()
     return model, model_cfg, npz
 
@@ -233,7 +253,7 @@ def _quiet(fn, *args, **kwargs):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="of-face export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="run output folder or backbone.npz")
+    ap.add_argument("--checkpoint", required=True, help="run output folder, backbone.npz or ckpt-* checkpoint")
     ap.add_argument("--out", required=True, help="ONNX file to write")
     ap.add_argument("-c", "--config", default=None, help="config.yaml (default: the one next to the checkpoint)")
     ap.add_argument("--opset", type=int, default=11)
@@ -252,11 +272,11 @@ def main(argv=None):
         r = export_onnx(args.checkpoint, args.out, config=args.config, opset=args.opset,
                         bake_normalization=args.bake_normalization, batch_for_check=batches,
                         tolerance=args.tolerance, verbose=args.verbose)
-    except (ExportError, FileNotFoundError, ValueError) as e:
+    except (ExportError, FileNotFoundError, ValueError) as e:  # (CheckpointError is a ValueError)
         print(f"export failed: {e}", file=sys.stderr)
         return 1
     diffs = ", ".join(f"batch {n}: {d:.2e}" for n, d in r["max_abs_diff"].items())
-    print(f"wrote {r['path']} (opset {r['opset']}, input '{INPUT_NAME}' [N,3,112,112], output "
+    print(f"wrote {r['path']} from {r['checkpoint']} (opset {r['opset']}, input '{INPUT_NAME}' [N,3,112,112], output "
           f"'{OUTPUT_NAME}' [N,{r['embedding_size']}], normalisation "
           f"{'inside' if r['bake_normalization'] else 'outside: (x-127.5)/127.5'}); "
           f"ONNX vs OneFlow max abs diff {diffs}")

@@ -21,7 +21,7 @@ from typing import IO, Iterator, List, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 # `.<name>.tmp<pid>`: a hidden name that still says which file it will become
-TEMP_RE = re.compile(r"^\..+\.tmp\d+$")
+TEMP_RE = re.compile(r"^\..+\.tmp(\d+)$")
 
 
 def temp_name(path: PathLike) -> str:
@@ -78,17 +78,33 @@ def atomic_write(path: PathLike, mode: str = "wb", **open_kwargs) -> Iterator[IO
             os.fsync(f.fileno())
 
 
-def remove_stale_temporaries(folder: PathLike) -> List[str]:
-    """Delete the files in `folder` named like `atomic_write` temporaries (`.<name>.tmp<pid>`),
-    e.g. left by a killed run; returns their names (sorted). Not recursive; a missing folder or a
-    file that cannot be removed is skipped."""
+def _writer_alive(pid: int) -> bool:
+    """Another live process with this id may still be writing its temporary: leave it alone."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike, only_dead: bool = False) -> List[str]:
+    """Delete the files in `folder` named like `atomic_write` temporaries (`.<name>.tmp<pid>`)
+    e.g. left by a killed run; returns their names (sorted). Not recursive;
+    a missing folder or a file that cannot be removed is skipped. `only_dead`: keep those whose
+    writer (the pid in the name) is a live process other than this one, e.g. `of-face plot`
+    redrawing beside a run."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         return []
     removed = []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if TEMP_RE.match(name) and os.path.isfile(path):
+        m = TEMP_RE.match(name)
+        if m and os.path.isfile(path) and not (only_dead and _writer_alive(int(m.group(1)))):
             try:
                 os.remove(path)
                 removed.append(name)

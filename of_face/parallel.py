@@ -184,3 +184,27 @@ def divergent_replicas(sources: Dict[str, flow.Tensor]) -> Dict[str, np.ndarray]
                                                                     sbp=flow.sbp.split(0))
             out[k] = to_rank0_numpy(stacked)
     return out
+
+
+def all_gather_int(value: int) -> np.ndarray:
+    """Every rank's `value`, [world] int64 on every rank (collective: all ranks call it)."""
+    if world_size() == 1:
+        return np.array([int(value)], np.int64)
+    t = flow.tensor(np.array([[int(value)]], np.int64)).to_global(
+        placement=flow.placement("cpu", ranks=list(range(world_size()))), sbp=flow.sbp.split(0))
+    return to_numpy(t).reshape(-1)
+
+
+def all_ok(ok: bool) -> bool:
+    """True on every rank iff `ok` is true on every rank (collective: all ranks call it).
+
+    How one rank's failure (a checkpoint write that hit a full disk, a run-folder lock held by
+    another run) becomes every rank's decision, so no rank waits forever in a later collective."""
+    return bool((all_gather_int(0 if ok else 1) == 0).all())
+
+
+def place_local_like(local: np.ndarray, ref: flow.Tensor) -> flow.Tensor:
+    """This rank's own rows (numpy) -> tensor placed and split like the class-split `ref`: what
+    a sharded checkpoint loads, without any rank holding the whole value."""
+    local = np.ascontiguousarray(local, dtype=flow.convert_oneflow_dtype_to_numpy_dtype(ref.dtype))
+    return flow.from_numpy(local).to_global(placement=ref.placement, sbp=ref.sbp)  # no second host copy

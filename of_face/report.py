@@ -78,9 +78,10 @@ def summarize(out_dir):
         p = os.path.join(out_dir, name)
         if name == "backbone.npz" or name.startswith("ckpt"):
             step = world = plan = None
-            if name.endswith(".npz"):
+            sharded = os.path.isdir(p) and os.path.isfile(os.path.join(p, "manifest.json"))  # complete ones only
+            if name.endswith(".npz") or sharded:
                 try:
-                    with np.load(p) as f:
+                    with np.load(os.path.join(p, "main.npz") if sharded else p) as f:
                         step = int(f["__step__"]) if "__step__" in f.files else None
                         if "__meta__" in f.files:
                             meta = json.loads(bytes(f["__meta__"]).decode())
@@ -90,8 +91,11 @@ def summarize(out_dir):
             ckpts.append({"name": name, "bytes": _size(p), "step": step, "world_size": world,
                           "batch_plan": plan})
     plots = [f"{n}.png" for n in PLOTS if os.path.isfile(os.path.join(out_dir, f"{n}.png"))]
+    saved = [c for c in ckpts if c["name"].startswith("ckpt-") and c["step"] is not None]
+    saved = max(saved, key=lambda c: c["step"]) if saved else None  # what a resume would continue from
     return {"dir": out_dir, "config": cfg, "has_config": bool(cfg), "has_metrics": os.path.isfile(metrics_path),
-            "last": losses[-1] if losses else None, "best": best, "checkpoints": ckpts, "plots": plots}
+            "last": losses[-1] if losses else None, "best": best, "checkpoints": ckpts, "plots": plots,
+            "saved": saved}
 
 
 def format_info(s):
@@ -121,6 +125,9 @@ def format_info(s):
         ema = f" (EMA {last['loss_ema']:.4f})" if last["loss_ema"] is not None else ""
         lr = f", lr {last['lr']:.5g}" if last["lr"] is not None else ""
         lines.append(f"last loss: {last['value']:.4f}{ema} at step {last['step']}{lr}")
+    saved = s.get("saved")
+    lines.append(f"saved: step {saved['step']} ({saved['name']})" if saved
+                 else "saved: no training checkpoint yet (a resume would start from scratch)")
     if s["best"]:
         for name, r in sorted(s["best"].items()):
             std = f" ± {r['std']:.4f}" if r["std"] is not None else ""

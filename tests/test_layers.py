@@ -7,7 +7,7 @@ Layer order (docs/ARCHITECTURE.md; a module may import its own layer and lower o
     2 models  of_face/models/*
     3 heads   of_face/heads/*
     4 config  of_face/config.py        (may import models to validate Model.*)
-    5 train   of_face/checkpoint.py, of_face/train/*
+    5 train   of_face/checkpoint.py, checkpoint_shards.py, run_folder.py, of_face/train/*
     6 export  of_face/export.py, of_face/onnx_surgery.py
     7 eval    of_face/eval/*
     8 top     of_face/report.py, of_face/cli.py
@@ -30,7 +30,8 @@ RANKS = {
     "of_face.models.": "models", "of_face.models": "models",
     "of_face.heads.": "heads", "of_face.heads": "heads",
     "of_face.config": "config",
-    "of_face.checkpoint": "train", "of_face.train.": "train", "of_face.train": "train",
+    "of_face.checkpoint": "train", "of_face.checkpoint_shards": "train", "of_face.run_folder": "train",
+    "of_face.train.": "train", "of_face.train": "train",
     "of_face.export": "export", "of_face.onnx_surgery": "export",
     "of_face.eval.": "eval", "of_face.eval": "eval",
     "of_face.report": "top", "of_face.cli": "top",

@@ -6,6 +6,8 @@ take a run's output folder instead of an exported ONNX file:
     embed = CheckpointEmbedder("output/glint14")          # backbone.npz + config.yaml
     verify_bin("glint4_val.bin", embed)
 """
+import sys
+
 import numpy as np
 
 import of_face  # noqa: F401  (preloads libraries; must precede oneflow)
@@ -17,7 +19,8 @@ from of_face.data.loader import normalize
 class CheckpointEmbedder:
     """Callable: uint8 RGB batch [n, 112, 112, 3] -> float32 embeddings [n, d].
 
-    `run_dir_or_npz`: a run's output folder (backbone.npz + config.yaml) or a backbone.npz;
+    `run_dir_or_npz`: a run's output folder (backbone.npz + config.yaml, else its newest ckpt-*),
+    a backbone.npz or a ckpt-* training checkpoint (which carries its own config);
     `config`: a config.yaml path, `Config` or `ModelCfg` when it is not next to the checkpoint.
     Pixels get the training normalisation (x / 255 - 0.5) / 0.5; the backbone runs in eval mode
     on local tensors (no nn.Graph, no distributed placement).
@@ -27,6 +30,7 @@ class CheckpointEmbedder:
         from of_face.export import load_model  # one place that resolves checkpoint + config
 
         self.model, self.model_cfg, self.path = load_model(run_dir_or_npz, config)
+        print(f"embedding with {self.path} ({self.model_cfg.name})", file=sys.stderr)  # which one was picked
         self.device = "cuda" if device == "auto" and flow.cuda.is_available() else (
             "cpu" if device == "auto" else device)
         self.model.to(self.device)

@@ -12,8 +12,9 @@ everywhere:
       Default 127.5 / 127.5, except for an of_face export made with --bake-normalization, whose
       metadata says the model takes raw pixels (mean 0, std 1). --mean / --std override either
       (the shared MobileFaceNet wants --std 128).
-  --checkpoint RUN: a run folder (backbone.npz + config.yaml) or a backbone.npz, with
-      -c/--config CONFIG when the config.yaml is not next to it; training normalisation.
+  --checkpoint RUN: a run folder (backbone.npz + config.yaml, else its newest ckpt-*), a
+      backbone.npz (-c/--config CONFIG when the config.yaml is not next to it) or a ckpt-*
+      training checkpoint (its stored config); training normalisation. The one used is printed.
 """
 import argparse
 from typing import Callable, Optional
@@ -55,7 +56,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     """--model/--model-root | --checkpoint (one required), -c/--config, --mean, --std, --threads."""
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--model", "--model-root", dest="model", help="ONNX model file")
-    group.add_argument("--checkpoint", help="training run folder (backbone.npz + config.yaml) or a backbone.npz")
+    group.add_argument("--checkpoint", help="training run folder (its backbone.npz, else newest ckpt-*), backbone.npz "
+                       "or a ckpt-* checkpoint")
     ap.add_argument("-c", "--config", default=None, help="with --checkpoint: config.yaml if not next to it")
     ap.add_argument("--mean", type=float, default=None,
                     help="ONNX only: pixel mean (default 127.5; 0 for an of_face export with baked normalisation)")

@@ -41,11 +41,17 @@ def load_backbone(backbone: flow.nn.Module, path: str) -> flow.nn.Module:
             state = {k: f[k] for k in f.files if k != "__step__"}
     except Exception as e:  # zipfile/pickle errors of a cut or foreign file
         raise ValueError(f"{path}: not a readable of_face backbone checkpoint ({e})") from None
+    return load_backbone_state(backbone, state, path)
+
+
+def load_backbone_state(backbone: flow.nn.Module, state: dict, source: str) -> flow.nn.Module:
+    """Load {name: numpy} (a backbone.npz's or a training checkpoint's backbone) into a local
+    module; a mismatch names `source` and the first differing names."""
     missing, extra, wrong = state_mismatch({k: v.shape for k, v in backbone.state_dict().items()},
-                                      {k: v.shape for k, v in state.items()})
+                                           {k: v.shape for k, v in state.items()})
     if missing or extra or wrong:
         raise ValueError(
-            f"{path}: does not match the configured backbone (missing {missing[:3]}, unexpected {extra[:3]}, "
+            f"{source}: does not match the configured backbone (missing {missing[:3]}, unexpected {extra[:3]}, "
             f"shape mismatch {wrong[:3]})"
         )
     backbone.load_state_dict({k: flow.tensor(v) for k, v in state.items()})

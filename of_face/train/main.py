@@ -1,5 +1,6 @@
 """`python -m of_face.train.main -c CONFIG [-o Section.key=value ...]` (run under the launcher)."""
 import argparse
+import os
 import sys
 
 from of_face.config import ConfigError, load_config
@@ -14,6 +15,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from of_face.run_folder import die_with_parent
+
+    if "LOCAL_RANK" in os.environ:  # started by a launcher: a rank never outlives it (not a nohup'ed
+        die_with_parent()  # single process, whose parent is a shell that may go away)
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.override)

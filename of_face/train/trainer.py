@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 
-from of_face import checkpoint, parallel
-from of_face.config import ConfigError, save_config
+from of_face import checkpoint, parallel, run_folder
+from of_face.config import ConfigError
 from of_face.data.augment import Augment
 from of_face.data.loader import ShardedLoader
 from of_face.data.recordio import RecordDataset
@@ -55,11 +55,8 @@ def prepare_data(cfg):
             dataset = open_image_dataset(data.root, resize=data.resize)
         except ValueError as e:
             raise ConfigError(f"Data.root: {e}") from None
-    else:  # the models take 112x112 crops: hold every record to that, not just to `property`
-        try:  # a cut or mismatched train.rec/.idx/property: one message naming the file
-            dataset = RecordDataset(data.root, resize=data.resize, image_size=(112, 112))
-        except ValueError as e:
-            raise ConfigError(f"Data.root: {e}") from None
+    else:
+        dataset = _open_record_dataset(data)
     num_classes = cfg.Loss.num_classes or dataset.num_classes
     if cfg.Loss.num_classes and cfg.Loss.num_classes != dataset.num_classes:
         raise ConfigError(
@@ -73,6 +70,28 @@ def prepare_data(cfg):
     return dataset, num_classes
 
 
+def _open_record_dataset(data):
+    """RecordDataset on every rank; rank 0 first, so that it alone builds the label index and its
+    cache (of_face/data/record_index.py) and the other ranks read that."""
+    def open_():
+        try:  # the models take 112x112 crops: hold every record to that, not just to `property`
+            dataset = RecordDataset(data.root, resize=data.resize, image_size=(112, 112), log=log)
+            dataset.labels()  # the labels into the cache too
+            return dataset
+        except ValueError as e:  # a cut or mismatched train.rec/.idx/property: one message naming the file
+            raise ConfigError(f"Data.root: {e}") from None
+
+    dataset, error = None, None
+    if parallel.rank() == 0:
+        try:
+            dataset = open_()
+        except (ConfigError, FileNotFoundError) as e:
+            error = e
+    if not parallel.all_ok(error is None):
+        raise error or ConfigError(f"Data.root: {data.root} could not be opened (see rank 0)")
+    return dataset if dataset is not None else open_()
+
+
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -83,13 +102,10 @@ class Trainer:
         self.resume_path = checkpoint.resolve_resume(g.resume, self.out_dir, log)
         if g.resume == "auto" and not self.resume_path:
             log(f"Global.resume=auto: no checkpoint in {self.out_dir}, starting from scratch")
-        if self.resume_path:
-            checkpoint.read_meta(self.resume_path)  # unreadable / cut short: one message, nothing written
-        if parallel.rank() == 0:
-            os.makedirs(self.out_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.out_dir, "config.yaml"))
-            for name in checkpoint.remove_stale_temporaries(self.out_dir):
-                log(f"removed {name}: a temporary file left by an interrupted run")
+        resume_meta = checkpoint.read_meta(self.resume_path) if self.resume_path else None
+        self.claim = self._claim_folder(resume_meta)  # the lock: another live run refused
+        if resume_meta is not None:
+            run_folder.print_resume_changes(self.resume_path, resume_meta, cfg, log)
 
         self.dataset, self.num_classes = prepare_data(cfg)
         world = parallel.world_size()
@@ -113,11 +129,41 @@ class Trainer:
         self.metrics_path = os.path.join(self.out_dir, "metrics.csv")
         self.start = (0, 0, 0)  # (step, epoch, batches of that epoch already done)
         self.last_checkpoint = self.resume_path  # the newest good state of this run's lineage
-        if self.resume_path:
+        if self.resume_path:  # the load names a model or class-count mismatch; then the other guarded keys
             meta = checkpoint.load_checkpoint(self.resume_path, self.system)
+            run_folder.check_resume_config(self.resume_path, resume_meta, cfg)
             self.start = self._resume_position(meta)
+        self._agree(lambda: run_folder.refuse_foreign(self.claim, g.overwrite))  # another run's work
+        if parallel.rank() == 0:  # every check passed: only now is anything written
+            run_folder.prepare(self.claim, cfg, self.start[0] if self.resume_path else None, log)
+            for name in checkpoint.remove_stale_temporaries(self.out_dir):
+                log(f"removed {name}: a temporary file left by an interrupted run")
+        if self.resume_path:
             log(f"resumed from {self.resume_path}: step {self.start[0]}, epoch {self.start[1]}, "
                 f"batch {self.start[2]} of {len(self.loader)} (saved on {meta['world_size']} rank(s))")
+
+    def _claim_folder(self, resume_meta):
+        """Rank 0 locks the run folder and decides the run id. Returns rank 0's Claim."""
+        box = {}
+
+        def take():
+            box["claim"] = run_folder.claim(self.out_dir, resume_meta, checkpoint.lineage(self.out_dir), log)
+        self._agree(take)
+        claim = box.get("claim")
+        self.run_id = claim.run_id if claim else None
+        return claim
+
+    def _agree(self, check):
+        """Run a run-folder `check` on rank 0; every rank learns its outcome (one collective), so a
+        refusal stops them all rather than leaving the others in a later collective."""
+        error = None
+        if parallel.rank() == 0:
+            try:
+                check()
+            except run_folder.RunFolderError as e:
+                error = e
+        if not parallel.all_ok(error is None):
+            raise error or run_folder.RunFolderError(f"Global.output_dir: {self.out_dir} refused (see rank 0)")
 
     @property
     def head(self):
@@ -143,8 +189,11 @@ class Trainer:
         g = self.cfg.Global
         meta = {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "steps_per_epoch": len(self.loader),
                 "global_batch": self.global_batch, "batch_plan": self.plan.to_dict(),
-                "total_steps": self.total_steps, "mode": g.mode, "config": self.cfg.to_dict()}
-        path = checkpoint.save_checkpoint(self.out_dir, step, self.system, meta, keep=g.keep_checkpoints)
+                "total_steps": self.total_steps, "mode": g.mode, "config": self.cfg.to_dict(),
+                "run_id": self.run_id,  # rank 0's (only rank 0's meta is written)
+                "checkpoint_format": g.checkpoint_format}
+        path = checkpoint.save_checkpoint(self.out_dir, step, self.system, meta, keep=g.keep_checkpoints,
+                                          last_good=self.last_checkpoint)
         self.last_checkpoint = path
         return path
 
