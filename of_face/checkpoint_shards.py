@@ -29,6 +29,14 @@ from of_face.io import atomic_write
 MANIFEST = "manifest.json"
 MAIN = "main.npz"
 SHARDED_FORMAT = 2
+SHARDED_FROM_BYTES = 1 << 30  # Global.checkpoint_format=auto: sharded once the FP32 FC weight is this big
+
+
+def resolve_format(setting: str, head) -> str:
+    """Global.checkpoint_format -> "npz" | "sharded" (auto: by the size of the whole FC weight)."""
+    if setting != "auto":
+        return setting
+    return "sharded" if head.num_classes * head.weight.shape[-1] * 4 >= SHARDED_FROM_BYTES else "npz"
 
 
 def partial_dir(path: str) -> str:

@@ -43,11 +43,13 @@ class GlobalCfg:
     # a fresh run into a folder holding another run's checkpoints moves them to replaced-<time>/ (of_face/run_folder.py)
     overwrite: bool = False
     allow_resume_changes: List[str] = field(default_factory=list)  # e.g. [Optimizer.name], [Model]: resume anyway
-    checkpoint_format: str = "npz"  # npz (one file, rank 0) | sharded (every rank its FC rows: checkpoint_shards.py)
+    # npz (one file, rank 0) | sharded (every rank its FC rows: checkpoint_shards.py) | auto (sharded once
+    # the FC weight reaches SHARDED_FROM_BYTES: at millions of classes one file on rank 0 does not scale)
+    checkpoint_format: str = "auto"
 
     def check(self):
         _choice("Global.mode", self.mode, ("graph", "eager"))
-        _choice("Global.checkpoint_format", self.checkpoint_format, ("npz", "sharded"))
+        _choice("Global.checkpoint_format", self.checkpoint_format, ("auto", "npz", "sharded"))
         _at_least("Global.save_interval", self.save_interval, 0)
         _at_least("Global.keep_checkpoints", self.keep_checkpoints, 0)
         _at_least("Global.max_nonfinite_steps", self.max_nonfinite_steps, 1)

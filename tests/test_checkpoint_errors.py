@@ -55,3 +55,19 @@ def test_disk_full_while_checkpointing_stops_every_rank_and_keeps_the_last_check
     assert rc == 0, text[-4000:]
     assert f"resumed from {out / ('ckpt-00000002' + ext)}: step 2" in text
     assert (out / f"ckpt-00000006{ext}").exists()
+
+
+def test_auto_format_shards_a_large_fc_only():
+    from types import SimpleNamespace
+
+    from of_face.checkpoint_shards import SHARDED_FROM_BYTES, resolve_format
+
+    def head(classes, dim):
+        return SimpleNamespace(num_classes=classes, weight=SimpleNamespace(shape=(classes, dim)))
+
+    assert resolve_format("auto", head(93_431, 512)) == "npz"  # MS1MV3: 0.18 GiB
+    assert resolve_format("auto", head(2_059_906, 512)) == "sharded"  # WebFace42M: 3.9 GiB
+    assert resolve_format("auto", head(SHARDED_FROM_BYTES // (4 * 128), 128)) == "sharded"
+    assert resolve_format("auto", head(SHARDED_FROM_BYTES // (4 * 128) - 1, 128)) == "npz"
+    assert resolve_format("npz", head(10_000_000, 512)) == "npz"  # an explicit setting wins
+    assert resolve_format("sharded", head(10, 8)) == "sharded"

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from of_face import checkpoint, parallel, run_folder
+from of_face import checkpoint, checkpoint_shards, parallel, run_folder
 from of_face.config import ConfigError
 from of_face.data.augment import Augment
 from of_face.data.loader import ShardedLoader
@@ -191,7 +191,7 @@ class Trainer:
                 "global_batch": self.global_batch, "batch_plan": self.plan.to_dict(),
                 "total_steps": self.total_steps, "mode": g.mode, "config": self.cfg.to_dict(),
                 "run_id": self.run_id,  # rank 0's (only rank 0's meta is written)
-                "checkpoint_format": g.checkpoint_format}
+                "checkpoint_format": checkpoint_shards.resolve_format(g.checkpoint_format, self.system.head)}
         path = checkpoint.save_checkpoint(self.out_dir, step, self.system, meta, keep=g.keep_checkpoints,
                                           last_good=self.last_checkpoint)
         self.last_checkpoint = path
