@@ -146,8 +146,8 @@ def from_onnx(path: str, backbone: nn.Module) -> Dict[str, np.ndarray]:
         i += 1
         if op.kind != kind:
             shapes = [list(np.shape(p)) for p in op.params]
-            raise WeightsFileError(f"{path}: graph op {i} is {op.node.op_type} {shapes}"
-                                   f" where of_face '{name}' is a {type(mod).__name__}; another architecture?")
+            raise WeightsFileError(f"{path}: graph op {i} is {op.node.op_type} {shapes} where of_face '{name}' is a "
+                                   f"{type(mod).__name__} {list(mod.weight.shape)}; another architecture?")
         if kind == "prelu":
             state[prefix + "weight"] = op.params[0].reshape(-1)
         elif kind == "bn":
