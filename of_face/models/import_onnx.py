@@ -4,9 +4,13 @@ Weights are matched by graph structure, never by node or initializer names (expo
 and deduplicate them: arcface_torch's `convert_onnx` shares one PReLU slope initializer among
 every PReLU whose initial values are equal, and names folded weights `onnx::Conv_520`):
 
-- the graph's weighted ops, in graph (topological) order: Conv, BatchNormalization, PRelu,
-  MatMul / Gemm (+ the Add of a bias constant); constants are resolved through Identity and
-  Constant nodes;
+- the graph's weighted ops (Conv, BatchNormalization, PRelu, MatMul / Gemm + the Add of a bias
+  constant; constants resolved through Identity and Constant nodes) in a canonical order that
+  does not depend on how the exporter listed the nodes: a depth-first walk back from the output
+  that, where two branches join (a residual Add), takes the branch with more nodes behind it
+  first. So a residual block reads main branch, then shortcut (its 1x1 downsample conv), whether
+  the exporter traced the shortcut first (oneflow-onnx: of_face's IResNet computes it first) or
+  last (torch.onnx);
 - the backbone's weighted modules, in registration order (= forward order for these models):
   Conv2d, BatchNorm, PReLU, Linear;
 - one walk over both: each module takes the next op of its kind, shape-checked.
@@ -69,12 +73,39 @@ def _attr(node, name: str, default):
     return default
 
 
+def canonical_order(graph, const: Dict[str, np.ndarray]) -> list:
+    """The graph's nodes, main branches before shortcuts (see the module docstring)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    ancestors: Dict[int, set] = {}  # id(node) -> ids of every node it depends on (itself included)
+    for node in graph.node:  # exported graphs list nodes topologically
+        mine = {id(node)}
+        for name in node.input:
+            if name in producer and name not in const:
+                mine |= ancestors.get(id(producer[name]), set())
+        ancestors[id(node)] = mine
+    order, done = [], set()
+    stack = [(producer[o.name], False) for o in reversed(graph.output) if o.name in producer]
+    while stack:  # iterative post-order (deep ResNets exceed Python's recursion limit)
+        node, expanded = stack.pop()
+        if id(node) in done:
+            continue
+        if expanded:
+            done.add(id(node))
+            order.append(node)
+            continue
+        stack.append((node, True))
+        inputs = [producer[n] for n in node.input if n in producer and n not in const]
+        inputs.sort(key=lambda n: len(ancestors[id(n)]), reverse=True)  # the longer branch first...
+        stack.extend((n, False) for n in reversed(inputs))  # ...so pushed last
+    return order
+
+
 def weighted_ops(path: str) -> List[_Op]:
-    """The graph's weighted ops in graph order, with their constant operands as arrays."""
+    """The graph's weighted ops in canonical order, with their constant operands as arrays."""
     graph, numpy_helper = _load(path)
     const = _constants(graph, numpy_helper)
     ops: List[_Op] = []
-    for node in graph.node:
+    for node in canonical_order(graph, const):
         args = [const.get(name) for name in node.input]
         kind = node.op_type
         if kind == "Conv":
