@@ -240,3 +240,23 @@ def test_onnx_from_another_exporter_imports_by_structure(name, tmp_path):
     with flow.no_grad():
         ref, got = model(x).numpy(), imported(x).numpy()
     _assert_close(got, ref)
+
+
+def test_global_pretrained_refuses_hostile_pth_with_config_key(tmp_path):
+    """Global.pretrained takes a .pth directly (the parity test trains from one); a hostile one stops
+    build() with a ConfigError naming the key, the file and the global, and runs nothing."""
+    from of_face.config import ConfigError, load_config
+    from of_face.train.system import build
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    bad = tmp_path / "zoo.pth"
+    _zip_pth(bad, pickle.dumps({"w": Evil()}, protocol=2))
+    cfg = load_config(None, ["Model.name=mbf", "Model.width=8", "Global.device=cpu", f"Global.pretrained={bad}"])
+    with pytest.raises(ConfigError, match=r"Global.pretrained: .*zoo.pth: refusing pickle global '(posix|os).system'"):
+        build(cfg, 14, total_steps=1)
+    assert not marker.exists()

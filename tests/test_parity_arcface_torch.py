@@ -5,7 +5,7 @@ the final parameter/buffer norms and the after-training embeddings within 10x th
 recorded spread; the exit status says whether every check passed.
 
 What does not (strict xfail, so a change that makes it pass is noticed): step 2 within 1e-4 /
-1e-3. The recipe amplifies float32 rounding about 1e4-fold in one step (docs/BENCHMARKS.md,
+1e-3. The recipe amplifies float32 rounding about 1000-fold in one step (docs/BENCHMARKS.md,
 "arcface_torch parity"): of_face's own float32 and float64 runs of the same maths differ at
 step 2 by 0.009 in loss and 5% in gradient norm, and graph vs eager mode by 0.017, so no
 float32 implementation with kernels other than torch's own meets those bounds.
@@ -52,7 +52,7 @@ def test_step1_and_after_training_within_tolerance(parity):
     assert proc.returncode == (0 if all(c["ok"] for c in checks.values()) else 1)
 
 
-@pytest.mark.xfail(strict=True, reason="float32 rounding amplified ~1e4x in one step (see module docstring)")
+@pytest.mark.xfail(strict=True, reason="float32 rounding amplified ~1000x in one step (see module docstring)")
 def test_step2_within_1e4_loss(parity):
     _, checks = parity
     assert checks["step 2 loss (absolute)"]["ok"] and checks["step 2 pre-clip gradient norm (relative)"]["ok"]
