@@ -188,7 +188,23 @@ def arcface_vit_names(depth):
             + ["feature.2.weight"] + [f"feature.3.{b}" for b in bn])
 
 
+def arcface_iresnet_names(layers):
+    """arcface_torch IResNet's state-dict names (backbones/iresnet.py, transcribed)."""
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    names = ["conv1.weight"] + [f"bn1.{b}" for b in bn] + ["prelu.weight"]
+    for s, blocks in enumerate(layers, 1):
+        for i in range(blocks):
+            p = f"layer{s}.{i}."
+            names += [p + f"bn1.{b}" for b in bn] + [p + "conv1.weight"] + [p + f"bn2.{b}" for b in bn]
+            names += [p + "prelu.weight", p + "conv2.weight"] + [p + f"bn3.{b}" for b in bn]
+            if i == 0:  # every stage starts with a stride-2 block: a 1x1 conv + BN shortcut
+                names += [p + "downsample.0.weight"] + [p + f"downsample.1.{b}" for b in bn]
+    return names + [f"bn2.{b}" for b in bn] + ["fc.weight", "fc.bias"] + [f"features.{b}" for b in bn]
+
+
 @pytest.mark.parametrize("model,family,names", [
+    ("iresnet18", "iresnet", arcface_iresnet_names((2, 2, 2, 2))),
+    ("iresnet100", "iresnet", arcface_iresnet_names((3, 13, 30, 3))),
     ("mbf", "mbf", arcface_mbf_names((1, 4, 6, 2))),
     ("mbf_large", "mbf", arcface_mbf_names((2, 8, 12, 4))),
     ("vit_t", "vit", arcface_vit_names(12)),
