@@ -12,13 +12,14 @@ clip norm, constant LR (LRScheduler.power=0, no warm-up), no flip. The FC weight
 fc_init.npy; each step feeds the recorded records in the recorded order, preprocessed as
 arcface_torch does ((x/255 - 0.5)/0.5, checked against the recorded sha256 of every batch).
 
-Printed per step: reference loss, of_face loss, |difference|, and the backbone's pre-clip gradient
-norm against the recorded one. of_face's steppers clip inside the optimizer (in graph mode inside
-the compiled job), so the pre-clip norm is measured by an eager forward/backward of a copy of the
-backbone and head (the current values copied in) on the same batch just before the step, so the
-step itself is unchanged.
-Then: the largest relative difference of the final parameter and buffer L2 norms (against
-trajectory.json), of fc_final.npy, and of the after-training eval embeddings (min row cosine).
+Printed per step: reference loss, of_face loss, their relative and absolute difference, and the
+backbone's pre-clip gradient norm against the recorded one. of_face's steppers clip inside the
+optimizer (in graph mode inside the compiled job), so the pre-clip norm is measured by an eager
+forward/backward of a copy of the backbone and head (the current values copied in) on the same
+batch just before the step, so the step itself is unchanged.
+Then: the final parameter and buffer L2 norms (against trajectory.json, as one vector; the largest
+per-tensor difference is printed too), fc_final.npy, and the after-training eval embeddings (min
+row cosine, max difference).
 
 Tolerances come from the fixture's sensitivity.json (the same reference run with 2 torch threads
 instead of 1): steps 1-2 within 1e-4 absolute in loss and 1e-3 relative in gradient norm; later
@@ -171,7 +172,7 @@ def replay(args):
                   + (f" ({note})" if note else ""))
 
     print(f"{folder.name}: {traj['model']} -> Model.name={cfg.Model.name}, {args.mode} mode, {len(steps)} steps")
-    print(f"{'step':>4} {'ref loss':>12} {'of_face loss':>12} {'|dloss|':>9} {'tol':>8} "
+    print(f"{'step':>4} {'ref loss':>12} {'of_face loss':>12} {'rel':>9} {'|dloss|':>9} {'tol':>8} "
           f"{'ref gnorm':>10} {'of_face gnorm':>13} {'rel':>9} {'tol':>8}")
     for rec in steps:
         step = rec["step"]
@@ -183,8 +184,8 @@ def replay(args):
         ref = reference_loss(rec)
         dl, dg = abs(loss - ref), abs(gnorm - rec["backbone_grad_norm"]) / rec["backbone_grad_norm"]
         tl, tg = tolerance(step, sens["steps"])
-        print(f"{step:>4} {ref:>12.6f} {loss:>12.6f} {dl:>9.2e} {tl:>8.1e} {rec['backbone_grad_norm']:>10.4f} "
-              f"{gnorm:>13.4f} {dg:>9.2e} {tg:>8.1e}")
+        print(f"{step:>4} {ref:>12.6f} {loss:>12.6f} {dl / abs(ref):>9.2e} {dl:>9.2e} {tl:>8.1e} "
+              f"{rec['backbone_grad_norm']:>10.4f} {gnorm:>13.4f} {dg:>9.2e} {tg:>8.1e}")
         check(f"step {step} loss (absolute)", dl, tl, f"{loss!r} vs {ref!r}")
         check(f"step {step} pre-clip gradient norm (relative)", dg, tg, f"{gnorm!r} vs {rec['backbone_grad_norm']!r}")
     compare_final(system, cfg, folder, traj, sens, dataset, check)

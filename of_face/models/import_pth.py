@@ -93,8 +93,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         raise WeightsFileError(
-            f"{self.path}: refusing pickle global '{module}.{name}' (a .pth state dict needs only tensor "
-            f"rebuild names; this file would run other code when loaded with torch.load)")
+            f"{self.path}: refusing pickle global '{module}.{name}' (only a state dict of tensors is read: "
+            f"torch.load would call it; for a whole pickled model, save model.state_dict() instead)")
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
