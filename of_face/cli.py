@@ -7,6 +7,8 @@
     of-face compare A B (--model | --checkpoint) [--threshold T | --calibrate-bin X.bin]
     of-face verify --bin X.bin (--model X.onnx | --checkpoint RUN)   10-fold .bin accuracy
     of-face ijbc --image-path IJBC/ (--model X.onnx | --checkpoint RUN) [--result-dir D]   IJB-B/C 1:1
+    of-face import SRC --model NAME [-o Model.key=value ...] --out backbone.npz
+                                            arcface_torch .pth / insightface .onnx -> backbone.npz
     of-face plot RUN                        loss.png, lr.png, verification.png from RUN/metrics.csv
     of-face info RUN                        config highlights, steps done, best accuracy, checkpoints
 
@@ -14,6 +16,8 @@ Every flag means one thing in every command: -c/--config a config file, -o/--ove
 Section.key=value, --checkpoint a run folder or a checkpoint file, --model an ONNX file, --out an
 output path. `of-face <command> -h` describes each command.
 """
+import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -28,6 +32,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "compare": "of_face.eval.compare:compare_main",
         "verify": "of_face.eval.compare:verify_main",
         "ijbc": "of_face.eval.ijb",
+        "import": "of_face.cli:import_main",
         "plot": "of_face.report:plot_main",
         "info": "of_face.report:info_main",
     }
@@ -39,6 +44,39 @@ def main(argv: Optional[List[str]] = None) -> None:
     rc = getattr(module, func or "main")(argv[1:])
     if rc:  # commands that return a non-zero status exit with it
         sys.exit(rc)
+
+
+def import_main(argv: List[str]) -> int:
+    """`of-face import`: an arcface_torch state dict (.pth, no PyTorch needed) or an insightface ONNX
+    (IResNet / MobileFaceNet) -> a normal backbone.npz, plus a config.yaml with its Model section
+    next to it (when none is there) so `--checkpoint` commands need no -c."""
+    ap = argparse.ArgumentParser(prog="of-face import", description=import_main.__doc__)
+    ap.add_argument("src", help="backbone .pth/.pt (state dict) or .onnx")
+    ap.add_argument("--model", required=True, help="of_face Model.name (iresnet50, mbf, vit_t, ...)")
+    ap.add_argument("-o", "--override", action="append", default=[], help="Section.key=value (e.g. Model.width=32)")
+    ap.add_argument("--out", required=True, help="output backbone.npz (or a folder to write backbone.npz into)")
+    args = ap.parse_args(argv)
+    from of_face.config import ConfigError, load_config, save_config
+    from of_face.models import build_backbone
+    from of_face.models.interop import import_state
+    from of_face.models.weights import BACKBONE_FILE, write_backbone
+
+    out = os.path.join(args.out, BACKBONE_FILE) if os.path.isdir(args.out) else args.out
+    try:
+        cfg = load_config(None, [f"Model.name={args.model}", *args.override])
+        state = import_state(args.src, build_backbone(cfg.Model))
+    except (ConfigError, ValueError) as e:  # WeightsFileError is a ValueError: one line, no traceback
+        print(f"of-face import: {e}", file=sys.stderr)
+        return 2
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_backbone(state, out)
+    config = os.path.join(os.path.dirname(os.path.abspath(out)), "config.yaml")
+    note = ""
+    if not os.path.exists(config):
+        save_config(cfg, config)
+        note = f" and {config}"
+    print(f"{args.src} -> {out}{note} ({len(state)} tensors, Model.name={cfg.Model.name})")
+    return 0
 
 
 if __name__ == "__main__":

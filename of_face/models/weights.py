@@ -1,14 +1,18 @@
 """`backbone.npz`: a backbone's parameters and buffers alone (what export, `of-face embed`, the eval
 tools and `Global.pretrained` read), written atomically by rank 0.
+
+`load_backbone` also takes insightface / arcface_torch weights directly (`.pth`, `.pt`, `.onnx`),
+imported on the fly by models/interop.py, so `Global.pretrained` can name a zoo model.
 """
 import os
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import oneflow as flow
 
 from of_face import parallel
 from of_face.io import atomic_write
+from of_face.models.interop import import_state, is_foreign
 
 BACKBONE_FILE = "backbone.npz"
 
@@ -18,9 +22,15 @@ def save_backbone(backbone: flow.nn.Module, out_dir: str, step: int) -> str:
     flow._oneflow_internal.eager.Sync()  # every queued step done (as nn.Graph.state_dict() does)
     state = {k: (v.to_local() if v.is_global else v).numpy() for k, v in backbone.state_dict().items()}
     if parallel.rank() == 0:
-        with atomic_write(path) as fh:
-            np.savez(fh, **state, __step__=np.int64(step))
+        write_backbone(state, path, step)
     parallel.barrier()
+    return path
+
+
+def write_backbone(state: Dict[str, np.ndarray], path: str, step: int = 0) -> str:
+    """{name: array} -> a backbone.npz at `path`, atomically (one process)."""
+    with atomic_write(path) as fh:
+        np.savez(fh, **state, __step__=np.int64(step))
     return path
 
 
@@ -33,9 +43,13 @@ def state_mismatch(own: dict, saved: dict) -> Tuple[List[str], List[str], List[s
 
 
 def load_backbone(backbone: flow.nn.Module, path: str) -> flow.nn.Module:
-    """Load a saved backbone into a local (not yet placed) module; names a mismatch clearly."""
+    """Load a saved backbone (backbone.npz, or an insightface .pth/.onnx imported on the fly) into a
+    local (not yet placed) module; names a mismatch clearly (ValueError)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if is_foreign(path):
+        backbone.load_state_dict({k: flow.tensor(v) for k, v in import_state(path, backbone).items()})
+        return backbone
     try:
         with np.load(path) as f:
             state = {k: f[k] for k in f.files if k != "__step__"}
