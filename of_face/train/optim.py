@@ -3,7 +3,15 @@
 The schedule is built from OneFlow's own schedulers (LinearLR then PolynomialLR inside a
 SequentialLR) because nn.Graph compiles those into the step; `lr_at` is the same formula in
 plain Python, used for logging and as the reference in tests.
+
+Gradient clipping bounds ONE norm over all the backbone's parameters (PLSC's
+ClipGradByGlobalNorm, arcface_torch's clip_grad_norm_), also when the backbone is two groups
+(decayed / not decayed). nn.Graph clips each optimizer conf on its own, so `build_optimizer`
+has the graph merge the backbone's groups into one conf: SGD's decay is per variable already
+(`l2`), AdamW's no-decay variables are excluded by name from the merged conf's decay
+(`weight_decay_conf.excludes`). Eager mode clips the same parameters together (`clip_groups`).
 """
+import re
 from typing import Any, Dict, List
 
 import oneflow as flow
@@ -20,11 +28,10 @@ def _head_group(head) -> Dict[str, Any]:
 
 
 def param_groups(opt_cfg, backbone, head) -> List[Dict[str, Any]]:
-    """Backbone group(s) (gradient-norm clipped, as arcface_torch) and the FC group.
+    """Backbone group(s) (one gradient norm clipped over all of them) and the FC group.
 
     With `no_weight_decay_on_bn_bias`, the backbone is two groups (the names the model lists in
-    `no_weight_decay()` get none) and OneFlow clips each group's norm separately (a documented
-    difference from one global backbone norm).
+    `no_weight_decay()` get none); both carry CLIP_TAG, so they share one clipped norm.
     """
     named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad]
     if opt_cfg.no_weight_decay_on_bn_bias:
@@ -36,17 +43,63 @@ def param_groups(opt_cfg, backbone, head) -> List[Dict[str, Any]]:
     groups = [g for g in groups if g["params"]]
     if opt_cfg.clip_grad_norm > 0:
         for g in groups:
-            g.update(clip_grad_max_norm=opt_cfg.clip_grad_norm, clip_grad_norm_type=2.0)
+            g.update(clip_grad_max_norm=opt_cfg.clip_grad_norm, clip_grad_norm_type=2.0, **{CLIP_TAG: True})
     return groups + [_head_group(head)]
+
+
+CLIP_TAG = "one_clip_norm"  # groups whose gradients are clipped by one norm together
+
+
+def clip_groups(optimizer) -> List[Any]:
+    """The param groups that share one clipped gradient norm (the backbone's)."""
+    return [g for g in optimizer.param_groups if CLIP_TAG in g]
 
 
 def build_optimizer(opt_cfg, backbone, head) -> flow.optim.Optimizer:
     """One optimizer over the backbone and the head (a head module, or its parameters)."""
     groups = param_groups(opt_cfg, backbone, head)
     if opt_cfg.name == "adamw":
-        return flow.optim.AdamW(groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas),
-                                weight_decay=opt_cfg.weight_decay)
-    return flow.optim.SGD(groups, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
+        opt = flow.optim.AdamW(groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay)
+    else:
+        opt = flow.optim.SGD(groups, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
+    _one_clip_conf_in_graph(opt)
+    return opt
+
+
+def _one_clip_conf_in_graph(optimizer) -> None:
+    """Have nn.Graph compile the clipped groups as ONE optimizer conf (one global norm).
+
+    OneFlow's clip_by_global_norm works per optimizer conf, and each param group becomes one
+    conf. After OneFlow writes the confs, the clipped groups' variables move into the conf of
+    the group with the largest decay; a variable of a group with another decay (0: the
+    no-decay group) is excluded from that conf's decoupled decay by its exact name (AdamW;
+    SGD's decay is already per variable). Eager mode does not use this (see `clip_groups`).
+    """
+    original = optimizer._generate_conf_for_graph
+
+    def generate(train_conf, vars_conf):
+        confs = original(train_conf, vars_conf)
+        first = len(train_conf.optimizer_conf) - len(confs)  # this optimizer's confs are the last ones
+        tagged = [i for i, g in enumerate(optimizer.param_groups) if CLIP_TAG in g]
+        if len(tagged) < 2:
+            return confs
+        groups = optimizer.param_groups
+        keep = max(tagged, key=lambda i: groups[i]["weight_decay"])
+        target = confs[keep]
+        for i in tagged:
+            if i == keep:
+                continue
+            if groups[i]["weight_decay"] != groups[keep]["weight_decay"] and target.HasField("weight_decay_conf"):
+                if groups[i]["weight_decay"] != 0.0:  # only "decayed" and "not decayed" can share a conf
+                    raise ValueError("one clipped norm over groups of two non-zero decays is not supported")
+                names = [vars_conf[p].name for p in groups[i].parameters if p.requires_grad]
+                target.weight_decay_conf.excludes.pattern.extend(f"^{re.escape(n)}$" for n in names)
+            target.variable_op_names.extend(confs[i].variable_op_names)
+        for i in sorted((i for i in tagged if i != keep), reverse=True):
+            del train_conf.optimizer_conf[first + i]
+        return [train_conf.optimizer_conf[j] for j in range(first, len(train_conf.optimizer_conf))]
+
+    optimizer._generate_conf_for_graph = generate
 
 
 def build_scheduler(optimizer, total_steps: int, warmup_steps: int, power: float):

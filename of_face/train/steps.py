@@ -24,6 +24,7 @@ from oneflow.nn.graph import GraphModule
 
 from of_face import parallel
 from of_face.models import checkpoint_blocks
+from of_face.train.optim import clip_groups
 
 # nn.Graph's optimizer-state suffixes <-> eager optimizer state keys
 GRAPH_SLOTS = {"momentum": "momentum_buf", "m": "exp_avg", "v": "exp_avg_sq"}
@@ -209,9 +210,10 @@ class EagerStep:
         if getattr(self.head, "sparse_update", False):  # (no accumulation with it: one kept index)
             kept = self.head.sampled_mask(out.kept).unsqueeze(1).to(flow.bool)  # exactly 0/1
             before = self._fc_state()
-        for group in self.optimizer.param_groups:  # the graph clips inside its update
-            if "clip_grad_max_norm" in group:
-                flow.nn.utils.clip_grad_norm_(group.parameters, group["clip_grad_max_norm"], 2.0)
+        clipped = clip_groups(self.optimizer)  # the graph clips inside its update: one norm, as here
+        if clipped:
+            params = [p for g in clipped for p in g.parameters if p.grad is not None]
+            flow.nn.utils.clip_grad_norm_(params, clipped[0]["clip_grad_max_norm"], 2.0)
         self.optimizer.step()
         if getattr(self.head, "sparse_update", False):
             self._keep_unsampled_rows(kept, before)
