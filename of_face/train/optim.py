@@ -11,8 +11,10 @@ has the graph merge the backbone's groups into one conf: SGD's decay is per vari
 (`l2`), AdamW's no-decay variables are excluded by name from the merged conf's decay
 (`weight_decay_conf.excludes`). Eager mode clips the same parameters together (`clip_groups`).
 """
+import bisect
+import math
 import re
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import oneflow as flow
 
@@ -121,3 +123,48 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, power:
     decay_steps = max(1, total_steps - warmup_steps)
     t = min(step - warmup_steps, decay_steps)
     return base_lr * (1.0 - t / decay_steps) ** power
+
+
+# ----------------------------------------------------------------------------- sparse AdamW
+# FC group option set by heads.sparse_fc_options: the group's kept rows get PLSC's bias correction
+SPARSE_BIAS_CORRECTION = "sparse_adam_bias_correction"
+
+
+def sparse_bias_correction_group(optimizer) -> Optional[Any]:
+    """The FC group whose sparse AdamW update the steppers bias-correct, if any."""
+    return next((g for g in optimizer.param_groups if SPARSE_BIAS_CORRECTION in g), None)
+
+
+def scheduled_lr(scheduler, base_lr: float, step: int) -> float:
+    """The LR OneFlow's `scheduler` gives optimizer step `step` (0-based), without stepping it:
+    SequentialLR's milestone arithmetic, then the active scheduler's own formula."""
+    milestones = getattr(scheduler, "milestones", None)
+    if milestones is None or not hasattr(scheduler, "schedulers"):
+        return scheduler.get_lr(base_lr, step)
+    i = bisect.bisect_right(milestones, step)
+    if i > 0 and scheduler.interval_rescaling[i - 1]:
+        step -= milestones[i - 1]
+    return scheduler.schedulers[i].get_lr(base_lr, step)
+
+
+def bias_correct_kept_rows(weight, m, v, kept, lr: float, step: int, betas, eps: float) -> None:
+    """PLSC's AdamW bias correction, applied afterwards to the FC rows kept at optimizer step `step`.
+
+    OneFlow 0.9's indexed_slices_adam_update has no bias correction (its rewrite pass drops the
+    correction inputs; measured: the update equals uncorrected Adam), and no compiled LR schedule
+    can express (1 - b2^t)^0.5 / (1 - b1^t). Both kernels leave, on a kept row,
+        w' = w (1 - lr wd) - lr m / (sqrt(v) + eps)                 (m, v: this step's moments)
+    while PLSC's AdamW (Paddle's adamw kernel, state['step'] = t counted per optimizer step) gives
+        w* = w (1 - lr wd) - lr m / (c1 (sqrt(v / c2) + eps)),   c1 = 1 - b1^t, c2 = 1 - b2^t,
+    so w* = w' + lr (m / (sqrt(v) + eps) - m / (c1 (sqrt(v / c2) + eps))), which needs only the
+    kept rows' m and v. Each rank corrects its own rows in its local shard, in place (the graph
+    reads the same variable on its next step); unsampled rows are untouched, as in PLSC.
+    """
+    b1, b2 = betas
+    c1, c2 = 1.0 - b1 ** step, 1.0 - b2 ** step
+    idx = kept.to_local().reshape(-1).to(flow.int64)  # this rank's kept local rows
+    w, mk, vk = weight.to_local(), m.to_local()[idx], v.to_local()[idx]
+    with flow.no_grad():
+        root = flow.sqrt(vk)
+        correction = mk / (root + eps) - mk / (c1 * (root / math.sqrt(c2) + eps))
+        w[idx] = w[idx] + lr * correction

@@ -24,7 +24,7 @@ from oneflow.nn.graph import GraphModule
 
 from of_face import parallel
 from of_face.models import checkpoint_blocks
-from of_face.train.optim import clip_groups
+from of_face.train.optim import bias_correct_kept_rows, clip_groups, scheduled_lr, sparse_bias_correction_group
 
 # nn.Graph's optimizer-state suffixes <-> eager optimizer state keys
 GRAPH_SLOTS = {"momentum": "momentum_buf", "m": "exp_avg", "v": "exp_avg_sq"}
@@ -79,10 +79,12 @@ def named_parameters(backbone, head) -> Dict[str, flow.Tensor]:
 class TrainGraph(nn.Graph):
     """backbone -> head -> loss -> backward -> optimizer + LR schedule, compiled as one job."""
 
-    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
+    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1,
+                 return_kept=False):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.return_kept = return_kept  # also output the kept centres (sparse AdamW's bias correction)
         self.checkpointed_blocks = checkpoint_block_names(backbone) if checkpointing else []
         if checkpointing and not self.checkpointed_blocks:
             raise ValueError(f"activation checkpointing: {type(backbone).__name__} has no block to checkpoint")
@@ -111,7 +113,7 @@ class TrainGraph(nn.Graph):
     def build(self, images, labels, noise=None):
         out = self.head.objective(self.backbone(images), labels, noise)
         out.objective.backward()
-        return out.loss
+        return (out.loss, out.kept) if self.return_kept else out.loss
 
 
 class EmbedGraph(nn.Graph):
@@ -127,8 +129,11 @@ class EmbedGraph(nn.Graph):
 
 class GraphStep:
     def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
-        self.graph = TrainGraph(backbone, head, optimizer, scheduler, amp, checkpointing, accum_steps)
+        self.bias_corrected = sparse_bias_correction_group(optimizer)  # sparse AdamW's FC group, if any
+        self.graph = TrainGraph(backbone, head, optimizer, scheduler, amp, checkpointing, accum_steps,
+                                return_kept=self.bias_corrected is not None)
         self.backbone, self.head, self.placement = backbone, head, head.weight.placement  # all ranks
+        self.scheduler = scheduler
         self.accum_steps = accum_steps
         self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
 
@@ -139,6 +144,14 @@ class GraphStep:
         else:
             loss = self.graph(images, labels)
         self.steps_done += 1
+        if self.bias_corrected is not None:
+            loss, kept = loss
+            g = self.bias_corrected
+            slots = {n.rpartition("-")[2]: t for n, t in self.graph.state_dict().items()
+                     if n.startswith("head.weight-")}
+            bias_correct_kept_rows(self.head.weight, slots["m"], slots["v"], kept,
+                                   scheduled_lr(self.scheduler, g["initial_lr"], self.steps_done - 1),
+                                   self.steps_done, g["betas"], g["eps"])
         return loss.mean() if self.accum_steps > 1 else loss  # one loss per micro-batch
 
     def loss_scale(self):
@@ -194,6 +207,7 @@ class EagerStep:
             raise NotImplementedError("activation checkpointing is available in graph mode only (Global.mode=graph)")
         self.backbone, self.head = backbone, head
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.bias_corrected = sparse_bias_correction_group(optimizer)  # sparse AdamW's FC group, if any
         self.accum_steps = accum_steps
         self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
 
@@ -217,6 +231,10 @@ class EagerStep:
         self.optimizer.step()
         if getattr(self.head, "sparse_update", False):
             self._keep_unsampled_rows(kept, before)
+        if self.bias_corrected is not None:  # the LR of this step: the scheduler steps below
+            g, state = self.bias_corrected, self.optimizer._state[self.head.weight]
+            bias_correct_kept_rows(self.head.weight, state["exp_avg"], state["exp_avg_sq"], out.kept, g["lr"],
+                                   self.steps_done, g["betas"], g["eps"])
         self.optimizer.zero_grad()
         self.scheduler.step()
         return loss
