@@ -171,17 +171,24 @@ def rank0_replicas(tensors: List[flow.Tensor]) -> Iterator[None]:
     For BatchNorm running statistics, which each rank updates from its own samples (see
     divergent_replicas): evaluating inside this block evaluates rank 0's model, the one
     backbone.npz and the exports hold, whatever the number of ranks."""
+    # local-tensor reads and writes are not ordered against compiled graphs that use the same
+    # variables (the training step writes BatchNorm statistics): wait around them
+    sync = flow._oneflow_internal.eager.Sync
+    sync()
     replicated = [t for t in tensors if is_replicated(t)]
     own = [t.to_local().clone() for t in replicated]
     for t in replicated:
         value = t.to_local().clone()
         flow.comm.broadcast(value, 0)
         t.to_local().copy_(value)
+    sync()
     try:
         yield
     finally:
+        sync()
         for t, value in zip(replicated, own):
             t.to_local().copy_(value)
+        sync()
 
 
 def divergent_replicas(sources: Dict[str, flow.Tensor]) -> Dict[str, np.ndarray]:

@@ -159,6 +159,8 @@ def bias_correct_kept_rows(weight, m, v, kept, lr: float, step: int, betas, eps:
     so w* = w' + lr (m / (sqrt(v) + eps) - m / (c1 (sqrt(v / c2) + eps))), which needs only the
     kept rows' m and v. Each rank corrects its own rows in its local shard, in place (the graph
     reads the same variable on its next step); unsampled rows are untouched, as in PLSC.
+    Sparse updates are refused under AMP today; once they are not, a step skipped for non-finite
+    gradients must not count in t (PLSC's GradScaler skips optimizer.step, so state['step'] stays).
     """
     b1, b2 = betas
     c1, c2 = 1.0 - b1 ** step, 1.0 - b2 ** step

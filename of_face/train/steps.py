@@ -146,13 +146,23 @@ class GraphStep:
         self.steps_done += 1
         if self.bias_corrected is not None:
             loss, kept = loss
-            g = self.bias_corrected
-            slots = {n.rpartition("-")[2]: t for n, t in self.graph.state_dict().items()
-                     if n.startswith("head.weight-")}
+            g, slots = self.bias_corrected, self._fc_moments()
+            # The graph's variables are read and written through their local tensors, which the
+            # VM does not order against the compiled step: wait for the step, then for the writes
+            # (measured: without the first wait, step 2 reads stale moments).
+            flow._oneflow_internal.eager.Sync()
             bias_correct_kept_rows(self.head.weight, slots["m"], slots["v"], kept,
                                    scheduled_lr(self.scheduler, g["initial_lr"], self.steps_done - 1),
                                    self.steps_done, g["betas"], g["eps"])
+            flow._oneflow_internal.eager.Sync()
         return loss.mean() if self.accum_steps > 1 else loss  # one loss per micro-batch
+
+    def _fc_moments(self):
+        """The graph's Adam moments of the FC weight ({"m", "v"}): its live variables, found once."""
+        if getattr(self, "_moments", None) is None:
+            self._moments = {n.rpartition("-")[2]: t for n, t in self.graph.state_dict().items()
+                             if n.startswith("head.weight-")}
+        return self._moments
 
     def loss_scale(self):
         """AMP's current dynamic loss scale on rank 0 (None elsewhere, and without AMP).
