@@ -197,11 +197,13 @@ class OptimizerCfg:
 @dataclass
 class LRSchedulerCfg:
     warmup_epochs: float = 0.0  # linear warm-up from 0, then polynomial decay to 0
+    warmup_steps: int = 0  # > 0: the warm-up in optimizer steps instead (PLSC's warmup_steps)
     power: float = 2.0  # 0: constant after warm-up
 
     def check(self):
         if self.warmup_epochs < 0:
             raise ConfigError(f"LRScheduler.warmup_epochs: expected >= 0, got {self.warmup_epochs}")
+        _at_least("LRScheduler.warmup_steps", self.warmup_steps, 0)
         if self.power < 0:
             raise ConfigError(f"LRScheduler.power: expected >= 0, got {self.power}")
 

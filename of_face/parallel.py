@@ -12,9 +12,10 @@ Reading this file alone should tell how training is parallelised:
 
 Everything else asks this module instead of writing `flow.sbp` literals.
 """
+import contextlib
 import math
 import zlib
-from typing import Dict, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import oneflow as flow
@@ -160,6 +161,34 @@ def broadcast_array(array: np.ndarray, placement_: flow.placement) -> flow.Tenso
     t = flow.tensor(array).to_global(placement=placement_, sbp=flow.sbp.broadcast)
     t.to_local().copy_(flow.tensor(array, device=t.to_local().device))
     return t
+
+
+@contextlib.contextmanager
+def rank0_replicas(tensors: List[flow.Tensor]) -> Iterator[None]:
+    """Inside the block, every rank's copy of each replicated (broadcast) tensor holds rank 0's
+    value; afterwards each rank gets its own copy back. Collective on entry.
+
+    For BatchNorm running statistics, which each rank updates from its own samples (see
+    divergent_replicas): evaluating inside this block evaluates rank 0's model, the one
+    backbone.npz and the exports hold, whatever the number of ranks."""
+    # local-tensor reads and writes are not ordered against compiled graphs that use the same
+    # variables (the training step writes BatchNorm statistics): wait around them
+    sync = flow._oneflow_internal.eager.Sync
+    sync()
+    replicated = [t for t in tensors if is_replicated(t)]
+    own = [t.to_local().clone() for t in replicated]
+    for t in replicated:
+        value = t.to_local().clone()
+        flow.comm.broadcast(value, 0)
+        t.to_local().copy_(value)
+    sync()
+    try:
+        yield
+    finally:
+        sync()
+        for t, value in zip(replicated, own):
+            t.to_local().copy_(value)
+        sync()
 
 
 def divergent_replicas(sources: Dict[str, flow.Tensor]) -> Dict[str, np.ndarray]:

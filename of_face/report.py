@@ -9,6 +9,7 @@ Imports neither OneFlow nor pyplot: cheap to run beside a training job.
 import argparse
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -98,23 +99,26 @@ def summarize(out_dir):
             "saved": saved}
 
 
-def format_info(s):
-    cfg = s["config"]
+def _config_lines(cfg, checkpoints):
     G, M, L, D = (cfg.get(k) or {} for k in ("Global", "Model", "Loss", "Data"))
     opt, A = cfg.get("Optimizer") or {}, cfg.get("AMP") or {}
+    arch = f"layers {M.get('layers')}, " if M.get("layers") else ""
+    amp = "on (init scale %g)" % A.get("init_scale", 0) if A.get("enable") else "off"
+    return [
+        f"model: {M.get('name')} ({arch}width {M.get('width')}, embedding {M.get('embedding_size')})",
+        f"loss: margin {L.get('margin')} (m1, m2, m3), scale {L.get('scale')}, "
+        f"sample rate {L.get('sample_rate')}, classes {_num_classes(cfg)}",
+        f"data: {D.get('dataset')} at {D.get('root')}, {_batch(D, opt, checkpoints)}",
+        f"training: {G.get('mode')} mode, AMP {amp}, "
+        f"{opt.get('name')} lr {opt.get('lr')}, epochs {G.get('epochs')}"
+        + (f", max_steps {G.get('max_steps')}" if G.get("max_steps") else ""),
+    ]
+
+
+def format_info(s):
     lines = [f"run: {s['dir']}"]
     if s["has_config"]:
-        arch = f"layers {M.get('layers')}, " if M.get("layers") else ""
-        amp = "on (init scale %g)" % A.get("init_scale", 0) if A.get("enable") else "off"
-        lines += [
-            f"model: {M.get('name')} ({arch}width {M.get('width')}, embedding {M.get('embedding_size')})",
-            f"loss: margin {L.get('margin')} (m1, m2, m3), scale {L.get('scale')}, "
-            f"sample rate {L.get('sample_rate')}, classes {_num_classes(cfg)}",
-            f"data: {D.get('dataset')} at {D.get('root')}, {_batch(D, opt, s['checkpoints'])}",
-            f"training: {G.get('mode')} mode, AMP {amp}, "
-            f"{opt.get('name')} lr {opt.get('lr')}, epochs {G.get('epochs')}"
-            + (f", max_steps {G.get('max_steps')}" if G.get("max_steps") else ""),
-        ]
+        lines += _config_lines(s["config"], s["checkpoints"])
     else:
         lines.append(f"config: no {CONFIG_FILE}")
     last = s["last"]
@@ -144,6 +148,19 @@ def format_info(s):
     return "\n".join(lines)
 
 
+def config_file_info(path):
+    """`of-face info CONFIG.yaml`: the config's highlights; a model-zoo file named `..._<N>n<G>c_...`
+    (PLSC's nodes x GPUs) also gets its global batch on N*G ranks."""
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise RunError(f"{path}: expected a mapping of config sections")
+    layout = re.search(r"_(\d+)n(\d+)c_", os.path.basename(path))
+    ranks = [{"world_size": int(layout[1]) * int(layout[2])}] if layout else []
+    where = f" ({layout[1]} node(s) x {layout[2]} GPUs, from its name)" if layout else ""
+    return "\n".join([f"config: {path}{where}"] + _config_lines(cfg, ranks))
+
+
 def _parse(argv, prog, text):
     p = argparse.ArgumentParser(prog=f"of-face {prog}", description=text)
     p.add_argument("run_dir", metavar="OUTPUT_DIR", help="a training run's Global.output_dir")
@@ -163,9 +180,13 @@ def plot_main(argv=None):
 
 
 def info_main(argv=None):
-    args = _parse(argv, "info", "Summarise a training run: config, progress, best verification, checkpoints")
+    args = _parse(argv, "info", "Summarise a training run (config, progress, best verification, checkpoints) "
+                  "or a config file")
     try:
-        print(format_info(summarize(args.run_dir)))
+        if os.path.isfile(args.run_dir) and args.run_dir.endswith((".yaml", ".yml")):
+            print(config_file_info(args.run_dir))
+        else:
+            print(format_info(summarize(args.run_dir)))
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,11 +16,12 @@ def sparse_fc_options(opt_cfg) -> Tuple[Dict[str, Any], float]:
     OneFlow's indexed-slices pass only rewrites an update without weight decay, so sparse SGD
     moves the decay into the head (a penalty on the kept rows, same gradient wd*w). Its sparse
     Adam kernel applies the decoupled decay to kept rows but no bias correction; the FC group
-    turns bias correction off so that eager mode follows the same rule.
+    turns OneFlow's correction off (eager mode then updates as the kernel does) and asks the
+    steppers for PLSC's, from the global step, on the kept rows (train.optim.bias_correct_kept_rows).
     """
     if opt_cfg.name == "sgd":
         return {"weight_decay": 0.0}, opt_cfg.weight_decay
-    return {"do_bias_correction": False}, 0.0
+    return {"do_bias_correction": False, "sparse_adam_bias_correction": True}, 0.0
 
 
 def build_head(cfg, num_classes: int, micro_global_batch: int) -> PartialFC:

@@ -7,12 +7,15 @@ the columns it owns), a row sum all-reduces the target cosine, and the [N, C] wo
 multiply-adds, cheaper than the elementwise margin op with its where-guard over [N, C] (figures:
 docs/BENCHMARKS.md, P2).
 
-Guard (insightface / arcface_torch convention, `easy_margin=False`), for m1 = 1: once theta + m2
-passes pi, cos(theta + m2) turns back up and would reward a target that moved *away*; there the
-target logit is cos(theta) - m2 * sin(m2) - m3 instead (the first-order expansion of the margin,
-still falling with theta). With m1 != 1 (SphereFace-style) that continuation would jump upward,
-so, like insightface's original combined margin, no guard is applied. Both branches are
-differentiated exactly.
+Guard (the `easy_margin=False` branch of insightface's MXNet ArcFace), for m1 = 1: once
+theta + m2 passes pi, cos(theta + m2) turns back up and would reward a target that moved *away*;
+there the target logit is cos(theta) - m2 * sin(m2) - m3 instead (the first-order expansion of the
+margin, still falling with theta). PLSC (Paddle's margin_cross_entropy) and OneFlow's
+combined_margin_loss apply no guard; arcface_torch's CombinedMarginLoss (insightface 7fadd420)
+computes the guard's values but never uses them. With m1 != 1 (SphereFace-style) that
+continuation would jump upward, so, like insightface's original combined margin, no guard is
+applied. Both branches are differentiated exactly (away from the guard: the gradient of PLSC's
+and OneFlow's ops, m1 * sin(m1*theta + m2) / sin(theta)).
 """
 import math
 

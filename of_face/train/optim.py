@@ -3,8 +3,18 @@
 The schedule is built from OneFlow's own schedulers (LinearLR then PolynomialLR inside a
 SequentialLR) because nn.Graph compiles those into the step; `lr_at` is the same formula in
 plain Python, used for logging and as the reference in tests.
+
+Gradient clipping bounds ONE norm over all the backbone's parameters (PLSC's
+ClipGradByGlobalNorm, arcface_torch's clip_grad_norm_), also when the backbone is two groups
+(decayed / not decayed). nn.Graph clips each optimizer conf on its own, so `build_optimizer`
+has the graph merge the backbone's groups into one conf: SGD's decay is per variable already
+(`l2`), AdamW's no-decay variables are excluded by name from the merged conf's decay
+(`weight_decay_conf.excludes`). Eager mode clips the same parameters together (`clip_groups`).
 """
-from typing import Any, Dict, List
+import bisect
+import math
+import re
+from typing import Any, Dict, List, Optional
 
 import oneflow as flow
 
@@ -20,11 +30,10 @@ def _head_group(head) -> Dict[str, Any]:
 
 
 def param_groups(opt_cfg, backbone, head) -> List[Dict[str, Any]]:
-    """Backbone group(s) (gradient-norm clipped, as arcface_torch) and the FC group.
+    """Backbone group(s) (one gradient norm clipped over all of them) and the FC group.
 
     With `no_weight_decay_on_bn_bias`, the backbone is two groups (the names the model lists in
-    `no_weight_decay()` get none) and OneFlow clips each group's norm separately (a documented
-    difference from one global backbone norm).
+    `no_weight_decay()` get none); both carry CLIP_TAG, so they share one clipped norm.
     """
     named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad]
     if opt_cfg.no_weight_decay_on_bn_bias:
@@ -36,17 +45,63 @@ def param_groups(opt_cfg, backbone, head) -> List[Dict[str, Any]]:
     groups = [g for g in groups if g["params"]]
     if opt_cfg.clip_grad_norm > 0:
         for g in groups:
-            g.update(clip_grad_max_norm=opt_cfg.clip_grad_norm, clip_grad_norm_type=2.0)
+            g.update(clip_grad_max_norm=opt_cfg.clip_grad_norm, clip_grad_norm_type=2.0, **{CLIP_TAG: True})
     return groups + [_head_group(head)]
+
+
+CLIP_TAG = "one_clip_norm"  # groups whose gradients are clipped by one norm together
+
+
+def clip_groups(optimizer) -> List[Any]:
+    """The param groups that share one clipped gradient norm (the backbone's)."""
+    return [g for g in optimizer.param_groups if CLIP_TAG in g]
 
 
 def build_optimizer(opt_cfg, backbone, head) -> flow.optim.Optimizer:
     """One optimizer over the backbone and the head (a head module, or its parameters)."""
     groups = param_groups(opt_cfg, backbone, head)
     if opt_cfg.name == "adamw":
-        return flow.optim.AdamW(groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas),
-                                weight_decay=opt_cfg.weight_decay)
-    return flow.optim.SGD(groups, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
+        opt = flow.optim.AdamW(groups, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay)
+    else:
+        opt = flow.optim.SGD(groups, lr=opt_cfg.lr, momentum=opt_cfg.momentum, weight_decay=opt_cfg.weight_decay)
+    _one_clip_conf_in_graph(opt)
+    return opt
+
+
+def _one_clip_conf_in_graph(optimizer) -> None:
+    """Have nn.Graph compile the clipped groups as ONE optimizer conf (one global norm).
+
+    OneFlow's clip_by_global_norm works per optimizer conf, and each param group becomes one
+    conf. After OneFlow writes the confs, the clipped groups' variables move into the conf of
+    the group with the largest decay; a variable of a group with another decay (0: the
+    no-decay group) is excluded from that conf's decoupled decay by its exact name (AdamW;
+    SGD's decay is already per variable). Eager mode does not use this (see `clip_groups`).
+    """
+    original = optimizer._generate_conf_for_graph
+
+    def generate(train_conf, vars_conf):
+        confs = original(train_conf, vars_conf)
+        first = len(train_conf.optimizer_conf) - len(confs)  # this optimizer's confs are the last ones
+        tagged = [i for i, g in enumerate(optimizer.param_groups) if CLIP_TAG in g]
+        if len(tagged) < 2:
+            return confs
+        groups = optimizer.param_groups
+        keep = max(tagged, key=lambda i: groups[i]["weight_decay"])
+        target = confs[keep]
+        for i in tagged:
+            if i == keep:
+                continue
+            if groups[i]["weight_decay"] != groups[keep]["weight_decay"] and target.HasField("weight_decay_conf"):
+                if groups[i]["weight_decay"] != 0.0:  # only "decayed" and "not decayed" can share a conf
+                    raise ValueError("one clipped norm over groups of two non-zero decays is not supported")
+                names = [vars_conf[p].name for p in groups[i].parameters if p.requires_grad]
+                target.weight_decay_conf.excludes.pattern.extend(f"^{re.escape(n)}$" for n in names)
+            target.variable_op_names.extend(confs[i].variable_op_names)
+        for i in sorted((i for i in tagged if i != keep), reverse=True):
+            del train_conf.optimizer_conf[first + i]
+        return [train_conf.optimizer_conf[j] for j in range(first, len(train_conf.optimizer_conf))]
+
+    optimizer._generate_conf_for_graph = generate
 
 
 def build_scheduler(optimizer, total_steps: int, warmup_steps: int, power: float):
@@ -68,3 +123,50 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, power:
     decay_steps = max(1, total_steps - warmup_steps)
     t = min(step - warmup_steps, decay_steps)
     return base_lr * (1.0 - t / decay_steps) ** power
+
+
+# ----------------------------------------------------------------------------- sparse AdamW
+# FC group option set by heads.sparse_fc_options: the group's kept rows get PLSC's bias correction
+SPARSE_BIAS_CORRECTION = "sparse_adam_bias_correction"
+
+
+def sparse_bias_correction_group(optimizer) -> Optional[Any]:
+    """The FC group whose sparse AdamW update the steppers bias-correct, if any."""
+    return next((g for g in optimizer.param_groups if SPARSE_BIAS_CORRECTION in g), None)
+
+
+def scheduled_lr(scheduler, base_lr: float, step: int) -> float:
+    """The LR OneFlow's `scheduler` gives optimizer step `step` (0-based), without stepping it:
+    SequentialLR's milestone arithmetic, then the active scheduler's own formula."""
+    milestones = getattr(scheduler, "milestones", None)
+    if milestones is None or not hasattr(scheduler, "schedulers"):
+        return scheduler.get_lr(base_lr, step)
+    i = bisect.bisect_right(milestones, step)
+    if i > 0 and scheduler.interval_rescaling[i - 1]:
+        step -= milestones[i - 1]
+    return scheduler.schedulers[i].get_lr(base_lr, step)
+
+
+def bias_correct_kept_rows(weight, m, v, kept, lr: float, step: int, betas, eps: float) -> None:
+    """PLSC's AdamW bias correction, applied afterwards to the FC rows kept at optimizer step `step`.
+
+    OneFlow 0.9's indexed_slices_adam_update has no bias correction (its rewrite pass drops the
+    correction inputs; measured: the update equals uncorrected Adam), and no compiled LR schedule
+    can express (1 - b2^t)^0.5 / (1 - b1^t). Both kernels leave, on a kept row,
+        w' = w (1 - lr wd) - lr m / (sqrt(v) + eps)                 (m, v: this step's moments)
+    while PLSC's AdamW (Paddle's adamw kernel, state['step'] = t counted per optimizer step) gives
+        w* = w (1 - lr wd) - lr m / (c1 (sqrt(v / c2) + eps)),   c1 = 1 - b1^t, c2 = 1 - b2^t,
+    so w* = w' + lr (m / (sqrt(v) + eps) - m / (c1 (sqrt(v / c2) + eps))), which needs only the
+    kept rows' m and v. Each rank corrects its own rows in its local shard, in place (the graph
+    reads the same variable on its next step); unsampled rows are untouched, as in PLSC.
+    Sparse updates are refused under AMP today; once they are not, a step skipped for non-finite
+    gradients must not count in t (PLSC's GradScaler skips optimizer.step, so state['step'] stays).
+    """
+    b1, b2 = betas
+    c1, c2 = 1.0 - b1 ** step, 1.0 - b2 ** step
+    idx = kept.to_local().reshape(-1).to(flow.int64)  # this rank's kept local rows
+    w, mk, vk = weight.to_local(), m.to_local()[idx], v.to_local()[idx]
+    with flow.no_grad():
+        root = flow.sqrt(vk)
+        correction = mk / (root + eps) - mk / (c1 * (root / math.sqrt(c2) + eps))
+        w[idx] = w[idx] + lr * correction

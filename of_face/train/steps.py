@@ -24,6 +24,7 @@ from oneflow.nn.graph import GraphModule
 
 from of_face import parallel
 from of_face.models import checkpoint_blocks
+from of_face.train.optim import bias_correct_kept_rows, clip_groups, scheduled_lr, sparse_bias_correction_group
 
 # nn.Graph's optimizer-state suffixes <-> eager optimizer state keys
 GRAPH_SLOTS = {"momentum": "momentum_buf", "m": "exp_avg", "v": "exp_avg_sq"}
@@ -78,10 +79,12 @@ def named_parameters(backbone, head) -> Dict[str, flow.Tensor]:
 class TrainGraph(nn.Graph):
     """backbone -> head -> loss -> backward -> optimizer + LR schedule, compiled as one job."""
 
-    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
+    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1,
+                 return_kept=False):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.return_kept = return_kept  # also output the kept centres (sparse AdamW's bias correction)
         self.checkpointed_blocks = checkpoint_block_names(backbone) if checkpointing else []
         if checkpointing and not self.checkpointed_blocks:
             raise ValueError(f"activation checkpointing: {type(backbone).__name__} has no block to checkpoint")
@@ -110,7 +113,7 @@ class TrainGraph(nn.Graph):
     def build(self, images, labels, noise=None):
         out = self.head.objective(self.backbone(images), labels, noise)
         out.objective.backward()
-        return out.loss
+        return (out.loss, out.kept) if self.return_kept else out.loss
 
 
 class EmbedGraph(nn.Graph):
@@ -126,8 +129,11 @@ class EmbedGraph(nn.Graph):
 
 class GraphStep:
     def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
-        self.graph = TrainGraph(backbone, head, optimizer, scheduler, amp, checkpointing, accum_steps)
+        self.bias_corrected = sparse_bias_correction_group(optimizer)  # sparse AdamW's FC group, if any
+        self.graph = TrainGraph(backbone, head, optimizer, scheduler, amp, checkpointing, accum_steps,
+                                return_kept=self.bias_corrected is not None)
         self.backbone, self.head, self.placement = backbone, head, head.weight.placement  # all ranks
+        self.scheduler = scheduler
         self.accum_steps = accum_steps
         self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
 
@@ -138,7 +144,25 @@ class GraphStep:
         else:
             loss = self.graph(images, labels)
         self.steps_done += 1
+        if self.bias_corrected is not None:
+            loss, kept = loss
+            g, slots = self.bias_corrected, self._fc_moments()
+            # The graph's variables are read and written through their local tensors, which the
+            # VM does not order against the compiled step: wait for the step, then for the writes
+            # (measured: without the first wait, step 2 reads stale moments).
+            flow._oneflow_internal.eager.Sync()
+            bias_correct_kept_rows(self.head.weight, slots["m"], slots["v"], kept,
+                                   scheduled_lr(self.scheduler, g["initial_lr"], self.steps_done - 1),
+                                   self.steps_done, g["betas"], g["eps"])
+            flow._oneflow_internal.eager.Sync()
         return loss.mean() if self.accum_steps > 1 else loss  # one loss per micro-batch
+
+    def _fc_moments(self):
+        """The graph's Adam moments of the FC weight ({"m", "v"}): its live variables, found once."""
+        if getattr(self, "_moments", None) is None:
+            self._moments = {n.rpartition("-")[2]: t for n, t in self.graph.state_dict().items()
+                             if n.startswith("head.weight-")}
+        return self._moments
 
     def loss_scale(self):
         """AMP's current dynamic loss scale on rank 0 (None elsewhere, and without AMP).
@@ -193,6 +217,7 @@ class EagerStep:
             raise NotImplementedError("activation checkpointing is available in graph mode only (Global.mode=graph)")
         self.backbone, self.head = backbone, head
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.bias_corrected = sparse_bias_correction_group(optimizer)  # sparse AdamW's FC group, if any
         self.accum_steps = accum_steps
         self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
 
@@ -209,12 +234,17 @@ class EagerStep:
         if getattr(self.head, "sparse_update", False):  # (no accumulation with it: one kept index)
             kept = self.head.sampled_mask(out.kept).unsqueeze(1).to(flow.bool)  # exactly 0/1
             before = self._fc_state()
-        for group in self.optimizer.param_groups:  # the graph clips inside its update
-            if "clip_grad_max_norm" in group:
-                flow.nn.utils.clip_grad_norm_(group.parameters, group["clip_grad_max_norm"], 2.0)
+        clipped = clip_groups(self.optimizer)  # the graph clips inside its update: one norm, as here
+        if clipped:
+            params = [p for g in clipped for p in g.parameters if p.grad is not None]
+            flow.nn.utils.clip_grad_norm_(params, clipped[0]["clip_grad_max_norm"], 2.0)
         self.optimizer.step()
         if getattr(self.head, "sparse_update", False):
             self._keep_unsampled_rows(kept, before)
+        if self.bias_corrected is not None:  # the LR of this step: the scheduler steps below
+            g, state = self.bias_corrected, self.optimizer._state[self.head.weight]
+            bias_correct_kept_rows(self.head.weight, state["exp_avg"], state["exp_avg_sq"], out.kept, g["lr"],
+                                   self.steps_done, g["betas"], g["eps"])
         self.optimizer.zero_grad()
         self.scheduler.step()
         return loss

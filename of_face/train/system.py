@@ -80,6 +80,8 @@ def schedule_length(cfg: Config, steps_per_epoch: int) -> Tuple[int, int]:
     total = cfg.Global.epochs * steps_per_epoch
     if cfg.Global.max_steps:
         total = min(total, cfg.Global.max_steps) if total else cfg.Global.max_steps
+    if cfg.LRScheduler.warmup_steps:
+        return total, cfg.LRScheduler.warmup_steps
     return total, int(cfg.LRScheduler.warmup_epochs * steps_per_epoch)
 
 

@@ -2,6 +2,12 @@
 
 Every rank embeds only its share of each batch (inputs split along the batch), so the work is
 sharded across ranks, not repeated; the embeddings are then gathered for the fold protocol.
+
+The model verified is the one that is saved: BatchNorm running statistics differ across ranks
+(each rank updates them from its own samples), and backbone.npz, the checkpoints' backbone and
+the exports hold rank 0's. Every rank therefore embeds with rank 0's statistics
+(`parallel.rank0_replicas`; its own come back afterwards, so training is unchanged), and the
+accuracy is that of backbone.npz, the same for any number of ranks.
 """
 import os
 
@@ -42,7 +48,7 @@ class Verifier:
             images_uint8 = np.concatenate([images_uint8, pad])
         out = []
         self.backbone.eval()
-        with flow.no_grad():
+        with flow.no_grad(), parallel.rank0_replicas(list(self.backbone.buffers())):
             for start in range(0, padded, chunk):
                 shard = normalize(images_uint8[start + rank * b : start + (rank + 1) * b].transpose(0, 3, 1, 2))
                 x = parallel.batch(shard, device=self.device)
@@ -62,8 +68,11 @@ class Verifier:
             if name not in self._sets:
                 self._sets[name] = load_bin(path)
             images, issame = self._sets[name]
-            emb = flip_embed(self.embed, images, batch_size=len(images))
-            r = evaluate(emb, issame, nfolds=10)
-            r["pairs"] = len(issame)
+            plain, flipped = flip_embed(self.embed, images, batch_size=len(images), return_parts=True)
+            r = evaluate(plain + flipped, issame, nfolds=10)
+            # XNorm as insightface logs it: the mean norm of the single (not flip-summed) embeddings,
+            # as eval/verification.py reports it (`xnorm_single` there)
+            single = np.linalg.norm(np.concatenate([plain, flipped]).astype(np.float64), axis=1)
+            r.update(pairs=len(issame), xnorm=float(single.mean()))
             results[name] = r
         return results

@@ -1,6 +1,6 @@
 """Three steps of the sampled FC head alone (identity backbone) under GraphStep or EagerStep.
 
-argv: out.json mode optimizer sparse(0|1) [amp(0|1)]. Rank 0 writes the features, labels and the full
+argv: out.json mode optimizer sparse(0|1) [amp(0|1) [steps]]. Rank 0 writes the features, labels and the full
 FC weight before and after every step, for a numpy re-computation of the update.
 """
 import json
@@ -16,7 +16,8 @@ from of_face.train.system import build
 
 out, mode, opt_name, sparse = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 amp = len(sys.argv) > 5 and sys.argv[5] == "1"
-CLASSES, DIM, BATCH, RATE, STEPS = 61, 8, 4, 0.3, 3  # 31 classes per rank (one padded), 10 kept
+STEPS = int(sys.argv[6]) if len(sys.argv) > 6 else 3
+CLASSES, DIM, BATCH, RATE = 61, 8, 4, 0.3  # 31 classes per rank (one padded), 10 kept
 cfg = load_config(None, [
     f"Global.mode={mode}", "Global.seed=0", f"Model.embedding_size={DIM}", "Loss.margin=[1.0, 0.0, 0.35]",
     "Loss.scale=16.0", f"Loss.sample_rate={RATE}", f"Optimizer.name={opt_name}", "Optimizer.lr=0.1",
