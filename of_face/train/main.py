@@ -14,11 +14,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from of_face.train.launch import guard_rank
+
+    guard_rank()  # under of_face.train.launch: die with the launcher
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.override)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     from of_face.train.trainer import run  # imports OneFlow: only after the config is valid
 

@@ -4,7 +4,6 @@ Runs identically in every process of the launcher's world; only rank 0 prints an
 """
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ from of_face.data.augment import Augment
 from of_face.data.loader import ShardedLoader
 from of_face.data.recordio import RecordDataset
 from of_face.models.weights import save_backbone
+from of_face.train.errors import fail
 from of_face.train.optim import lr_at
 from of_face.train.progress import Progress
 from of_face.train.system import BatchPlan, build
@@ -238,11 +238,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 def run(cfg):
+    """Train; any error ends this process with one line and its exit code (train/errors.py)."""
     try:
         return Trainer(cfg).fit()
-    except (ConfigError, FileNotFoundError) as e:  # bad config, data, checkpoint: nothing trained
-        log(f"error: {e}")
-        sys.exit(2)
-    except NonFiniteLoss as e:
-        log(f"error: {e}")
-        sys.exit(3)
+    except (Exception, KeyboardInterrupt) as e:
+        fail(e, int(os.environ.get("WORLD_SIZE", "1")), cfg.Global.output_dir)
