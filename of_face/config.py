@@ -123,6 +123,9 @@ class DataCfg:
     color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1 - x, 1 + x]
     grayscale_prob: float = 0.0  # probability of turning an image into its luma (R = G = B)
     val_targets: List[str] = field(default_factory=lambda: ["synth_val"])  # <root>/<name>.bin
+    # true: an image that does not decode (or has the wrong size) is replaced by the next good one
+    # and counted on stderr, instead of stopping training (for large imperfect sets)
+    skip_bad_records: bool = False
     # synthetic generator (used when dataset == synthetic)
     synth_identities: int = 200
     synth_images_per_identity: int = 40

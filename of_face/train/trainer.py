@@ -11,7 +11,7 @@ import numpy as np
 from of_face import checkpoint, parallel
 from of_face.config import ConfigError, save_config
 from of_face.data.augment import Augment
-from of_face.data.loader import ShardedLoader
+from of_face.data.loader import ShardedLoader, SkipBadRecords
 from of_face.data.recordio import RecordDataset
 from of_face.models.weights import save_backbone
 from of_face.train.errors import fail
@@ -60,6 +60,8 @@ def prepare_data(cfg):
             dataset = RecordDataset(data.root, resize=data.resize, image_size=(112, 112))
         except ValueError as e:
             raise ConfigError(f"Data.root: {e}") from None
+    if data.skip_bad_records:
+        dataset = SkipBadRecords(dataset)
     num_classes = cfg.Loss.num_classes or dataset.num_classes
     if cfg.Loss.num_classes and cfg.Loss.num_classes != dataset.num_classes:
         raise ConfigError(
