@@ -11,6 +11,7 @@ import numpy as np
 from of_face import checkpoint, parallel
 from of_face.config import ConfigError, save_config
 from of_face.data.augment import Augment
+from of_face.device import check_device
 from of_face.data.loader import ShardedLoader, SkipBadRecords
 from of_face.data.recordio import RecordDataset
 from of_face.models.weights import save_backbone
@@ -242,6 +243,7 @@ class NonFiniteLoss(RuntimeError):
 def run(cfg):
     """Train; any error ends this process with one line and its exit code (train/errors.py)."""
     try:
+        check_device(cfg.Global.device, log)  # a GPU OneFlow 0.9 has no kernels for: say so first
         return Trainer(cfg).fit()
     except (Exception, KeyboardInterrupt) as e:
         fail(e, int(os.environ.get("WORLD_SIZE", "1")), cfg.Global.output_dir)
