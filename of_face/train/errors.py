@@ -5,16 +5,46 @@ failure (disk full, an internal error, a native crash seen by the launcher), 3 t
 
 A rank that fails must not wait for the others: they may be blocked in a collective that this
 rank will never join, and Python's normal exit runs OneFlow's shutdown, which waits for them too
-(the hangs and native aborts seen on two ranks). So with more than one rank the process leaves
-with os._exit right after its line; the launcher (of_face.train.launch) kills the other ranks and
-prints the line once. OF_FACE_DEBUG=1 adds the Python traceback.
+(the hangs and native aborts seen on two ranks). So with more than one rank the process never
+returns: under the launcher (of_face.train.launch) it announces its exit code and line and waits
+to be killed with all the others (the launcher prints the line once and exits with that code);
+otherwise it leaves with os._exit. OF_FACE_DEBUG=1 adds the Python traceback.
 """
+import ctypes
 import errno
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from typing import Tuple
+
+ERROR_PREFIX = "error: "
+# under of_face.train.launch a failing rank writes `CODE_PREFIX<exit code>` just before its error
+# line, then waits to be killed: its own exit could make a peer abort natively before the launcher
+# kills it, and that noise would bury the line
+CODE_PREFIX = "of_face-exit-code: "
+PR_SET_PDEATHSIG = 1
+
+
+def guard_rank() -> None:
+    """In a rank started by of_face.train.launch: die (SIGKILL) when the launcher dies, so that a killed
+    launcher never leaves ranks waiting in a collective. Linux prctl, else a watchdog thread."""
+    pid = os.environ.get("OF_FACE_LAUNCHER_PID")
+    if not pid:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (AttributeError, OSError):
+        def watchdog():
+            while os.getppid() == int(pid):
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watchdog, daemon=True).start()
+    if os.getppid() != int(pid):  # the launcher died before prctl took effect
+        os._exit(1)
 
 
 class InputError(ValueError):
@@ -55,8 +85,8 @@ def fail(exc: BaseException, world_size: int, output_dir: str = "") -> None:
     sys.stdout.flush()
     launched = bool(os.environ.get("OF_FACE_LAUNCHER_PID"))
     if launched:  # of_face.train.launch reads the code, then kills every rank at once
-        print(f"of_face-exit-code: {code}", file=sys.stderr, flush=True)
-    print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"{CODE_PREFIX}{code}", file=sys.stderr, flush=True)
+    print(f"{ERROR_PREFIX}{message}", file=sys.stderr, flush=True)
     if world_size > 1:
         if launched:
             time.sleep(30)  # killed long before: exiting now would make the peers abort natively

@@ -18,7 +18,6 @@ launcher adds a `CalledProcessError` traceback and the shell gets exit code 1. H
     3 diverged). A rank killed by a signal becomes one line naming the signal, exit 1.
 """
 import argparse
-import ctypes
 import os
 import signal
 import subprocess
@@ -28,31 +27,7 @@ import time
 from typing import List, Optional, Tuple
 
 from of_face._libs import process_env
-
-ERROR_PREFIX = "error: "
-# a rank under this launcher writes `CODE_PREFIX<exit code>` just before its error line, then waits
-# to be killed (errors.fail): its own exit could make a peer abort natively before we kill it
-CODE_PREFIX = "of_face-exit-code: "
-PR_SET_PDEATHSIG = 1
-
-
-def guard_rank() -> None:
-    """In a rank started by this launcher: die (SIGKILL) when the launcher dies, so that a killed
-    launcher never leaves ranks waiting in a collective. Linux prctl, else a watchdog thread."""
-    pid = os.environ.get("OF_FACE_LAUNCHER_PID")
-    if not pid:
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (AttributeError, OSError):
-        def watchdog():
-            while os.getppid() == int(pid):
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watchdog, daemon=True).start()
-    if os.getppid() != int(pid):  # the launcher died before prctl took effect
-        os._exit(1)
+from of_face.train.errors import CODE_PREFIX, ERROR_PREFIX  # what a failing rank writes (errors.fail)
 
 
 # printed by every OneFlow import on a machine without InfiniBand: not news, once per rank

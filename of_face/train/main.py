@@ -14,7 +14,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from of_face.train.launch import guard_rank
+    from of_face.train.errors import guard_rank
 
     guard_rank()  # under of_face.train.launch: die with the launcher
     args = parse_args(argv)

@@ -8,7 +8,7 @@ import os
 import signal
 import time
 
-from of_face.train.launch import guard_rank
+from of_face.train.errors import guard_rank
 
 guard_rank()
 rank = int(os.environ["RANK"])
