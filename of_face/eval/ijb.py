@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from sklearn.metrics import auc, roc_curve
 
 from of_face.eval.align import align_face
@@ -67,10 +66,16 @@ def read_layout(image_path, target="IJBC"):
 
 
 def load_aligned(path, landmarks5):
-    """Decode one image as RGB and warp it onto the 112x112 ArcFace template (timed)."""
+    """Decode one image as RGB and warp it onto the 112x112 ArcFace template (timed). Decoded by
+    OpenCV, as insightface's onnx_ijbc.py does (cv2.imread, BGR -> RGB)."""
+    import cv2
+
     start = time.perf_counter()
-    with Image.open(path) as img:
-        rgb = np.asarray(img.convert("RGB"))
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        what = "file not found" if not os.path.isfile(path) else "could not be decoded as an image"
+        raise ValueError(f"{path}: {what}")
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     return align_face(rgb, landmarks5), time.perf_counter() - start
 
 
