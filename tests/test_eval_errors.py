@@ -2,6 +2,8 @@
 (every missing meta/ file named at once), --device cuda refused clearly without the CUDA
 onnxruntime / GPU, the normalisation read from an of_face export's metadata, and compare's
 warnings for an uncalibrated threshold and for flat images."""
+import io
+
 import numpy as np
 import onnx
 import oneflow as flow
@@ -130,3 +132,21 @@ def test_compare_warns_on_flat_images_and_uncalibrated_threshold(capsys, tmp_pat
     # with another normalisation it is another model as far as the threshold goes
     code, out, err = run(capsys, ["compare", str(a), str(a), "--model", str(MODEL), "--std", "127.5"])
     assert any("default threshold 0.28 was calibrated for the shared MobileFaceNet" in line for line in err)
+
+
+def test_truncated_bin_named(tmp_path):
+    from of_face.data.verification_bin import load_bin, write_bin
+
+    good = tmp_path / "v.bin"
+    png = io.BytesIO()
+    Image.new("RGB", (112, 112), (1, 2, 3)).save(png, format="PNG")
+    write_bin(good, [png.getvalue()] * 4, [True, False])
+    data = good.read_bytes()
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(data[: len(data) // 2])
+    try:
+        load_bin(cut)
+    except ValueError as e:
+        assert str(e).startswith(f"{cut}: not a readable verification .bin (cut short)")
+    else:
+        raise AssertionError("a truncated .bin was read")

@@ -146,6 +146,24 @@ def test_bad_idx_offset(faces, tmp_path):
     print(f"bad .idx offset: {took:.1f}s: {line}")
 
 
+def test_wrong_size_images_in_a_folder_set(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        (root / f"id{k}").mkdir(parents=True)
+        for j in range(4):
+            size = 100 if (k, j) == (2, 1) else 112  # one 100x100 image among 112x112 crops
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"id{k}" / f"{j}.png")
+    out = tmp_path / "run"
+    proc, took = launch([*tiny(root, out), "Data.dataset=folder", "Data.batch_size=2", "Global.max_steps=4"])
+    line = check_one_line(proc, 2, [str(root / "id2" / "1.png"), "is 100x100, expected 112x112",
+                                    "Data.resize=true"], out)
+    print(f"100x100 image: {took:.1f}s: {line}")
+
+
 def test_config_checked_once_before_any_rank(tmp_path):
     proc, took = launch(["Global.save_intervall=5"], env={"PROBE_DIR": str(tmp_path)}, timeout=60)
     assert proc.returncode == 2

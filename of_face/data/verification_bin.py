@@ -42,7 +42,8 @@ def read_bin_entries(path) -> Tuple[list, np.ndarray]:
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
                 IndexError, KeyError, MemoryError, UnicodeDecodeError) as e:
             # a cut download, an HTML error page, another format: name the file, not pickle's opcode
-            what = "cut short" if isinstance(e, EOFError) else f"{type(e).__name__}: {e}"
+            cut = isinstance(e, EOFError) or "truncated" in str(e)
+            what = "cut short: a partial download or copy?" if cut else f"{type(e).__name__}: {e}"
             raise ValueError(f"{path}: not a readable verification .bin ({what}); expected insightface's "
                              "pickled (images, issame); download or convert it again") from None
     issame = np.asarray(issame, dtype=np.bool_).reshape(-1)

@@ -75,16 +75,19 @@ class _Run:
         self.first: Optional[_Rank] = None
         self.lock = threading.Lock()
 
-    def failed(self, rank: _Rank) -> None:
+    def failed(self, rank: _Rank, exited: bool = False) -> None:
+        """`rank` reported an error line (it waits to be killed too, see CODE_PREFIX), or `exited`
+        non-zero without one: then what it wrote last (a traceback) is still to be forwarded."""
         with self.lock:
             if self.first is not None:
                 return
             self.first = rank
-        self.stop()  # the failing rank too: it waits for this (see CODE_PREFIX)
+        self.stop(spare=rank if exited else None)
 
-    def stop(self) -> None:
+    def stop(self, spare: Optional[_Rank] = None) -> None:
         for r in self.ranks:
-            r.quiet.set()
+            if r is not spare:
+                r.quiet.set()
             r.kill()
 
 
@@ -102,7 +105,7 @@ def watch(run: _Run, poll: float = 0.05) -> int:
     while True:
         exited = next((r for r in ranks if r.proc.poll() not in (None, 0)), None)
         if exited is not None:
-            run.failed(exited)  # no-op if a rank already reported an error line
+            run.failed(exited, exited=True)  # no-op if a rank already reported an error line
         if run.first is not None:
             break
         if all(r.proc.poll() == 0 for r in ranks):
@@ -111,7 +114,6 @@ def watch(run: _Run, poll: float = 0.05) -> int:
             return 0
         time.sleep(poll)
     failed = run.first
-    run.stop()
     for r in ranks:
         r.reader.join(timeout=5)
         r.proc.wait()
