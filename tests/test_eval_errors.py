@@ -147,6 +147,6 @@ def test_truncated_bin_named(tmp_path):
     try:
         load_bin(cut)
     except ValueError as e:
-        assert str(e).startswith(f"{cut}: not a readable verification .bin (cut short)")
+        assert str(e).startswith(f"{cut}: not a readable verification .bin (cut short: ")
     else:
         raise AssertionError("a truncated .bin was read")
