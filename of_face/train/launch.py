@@ -11,11 +11,15 @@ launcher adds a `CalledProcessError` traceback and the shell gets exit code 1. H
   * each rank runs in its own process group (its loader workers with it) with the environment
     OneFlow's launcher would set (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) plus
     OF_FACE_LAUNCHER_PID, so that the rank dies with the launcher (`guard_rank`);
-  * a rank reports its own failure as one `error: ...` line on stderr and leaves with os._exit
-    (trainer.run); as soon as any rank exits non-zero the others' groups are killed;
+  * a failing rank writes its exit code and one `error: ...` line to stderr and waits
+    (train/errors.fail); on that line, or on any rank exiting non-zero, every rank's group is
+    killed at once, before a peer notices the lost connection and aborts natively;
   * the failing rank's error line is printed once (an other rank's line only if it says something
     else), and the launcher exits with the rank's code (2 bad config/input, 1 runtime failure,
     3 diverged). A rank killed by a signal becomes one line naming the signal, exit 1.
+
+Several nodes: each node's launcher ends its own ranks; the other nodes' ranks then lose a peer
+and end natively (their launchers report the signal), as with OneFlow's launcher.
 """
 import argparse
 import os
@@ -28,7 +32,6 @@ from typing import List, Optional, Tuple
 
 from of_face._libs import process_env
 from of_face.train.errors import CODE_PREFIX, ERROR_PREFIX  # what a failing rank writes (errors.fail)
-
 
 # printed by every OneFlow import on a machine without InfiniBand: not news, once per rank
 NOISE = ("libibverbs not available",)
