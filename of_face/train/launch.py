@@ -18,8 +18,9 @@ launcher adds a `CalledProcessError` traceback and the shell gets exit code 1. H
     else), and the launcher exits with the rank's code (2 bad config/input, 1 runtime failure,
     3 diverged). A rank killed by a signal becomes one line naming the signal, exit 1.
 
-Several nodes: each node's launcher ends its own ranks; the other nodes' ranks then lose a peer
-and end natively (their launchers report the signal), as with OneFlow's launcher.
+Several nodes: each node's launcher ends its own ranks only. The other nodes' ranks lose a peer:
+OneFlow aborts them natively (their launchers report the signal) or leaves them waiting, as with
+OneFlow's own launcher (not tested here: one machine).
 """
 import argparse
 import os
