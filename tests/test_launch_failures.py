@@ -221,3 +221,23 @@ def test_ranks_die_with_the_launcher(tmp_path):
     while any(_alive(p) for p in pids) and time.time() - t0 < 10:
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids)
+
+
+def test_exit_codes_and_lines_per_kind_of_error():
+    import errno
+
+    from of_face.config import ConfigError
+    from of_face.train.errors import describe
+    from of_face.train.trainer import NonFiniteLoss
+
+    assert describe(ConfigError("Data.root: folder not found: x")) == (2, "Data.root: folder not found: x")
+    assert describe(ValueError("a.rec: record 3 is truncated")) == (2, "a.rec: record 3 is truncated")
+    assert describe(NonFiniteLoss("loss is nan at step 3")) == (3, "loss is nan at step 3")
+    assert describe(FileNotFoundError(errno.ENOENT, "No such file or directory", "/d/x.bin")) == (
+        2, "/d/x.bin: file not found")
+    code, text = describe(OSError(errno.ENOSPC, "No space left on device"), "/runs/r1")
+    assert code == 1 and text.startswith("/runs/r1: no space left on device; ")
+    denied = OSError(errno.EACCES, "Permission denied", "/runs/r1/ckpt")
+    assert describe(denied) == (1, "/runs/r1/ckpt: Permission denied")
+    assert describe(RuntimeError("boom")) == (
+        1, "RuntimeError: boom (an internal error; OF_FACE_DEBUG=1 prints the traceback)")
