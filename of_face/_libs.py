@@ -24,15 +24,40 @@ def nvidia_lib_dirs():
     return dirs
 
 
+def gpu_present() -> bool:
+    """Whether this process can see an NVIDIA GPU, judged without importing OneFlow (the settings
+    below must be in the environment before OneFlow starts)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
+
+
+def process_env(device: str = "auto") -> dict:
+    """Environment settings for a process that trains on `device` (cpu | cuda | auto), to be set
+    before OneFlow starts. Each setting is for one device only:
+
+    * CPU: OneFlow 0.9.0's CPU graphs on several ranks are not deterministic (first losses and
+      updates differ run to run, and training can go NaN) unless kernels run on the VM's scheduler
+      thread (ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD=0; measured in tests/test_train_determinism.py).
+      Without a GPU, OneFlow's glog prints CUDA-driver warnings at every start (GLOG_minloglevel=3;
+      errors that matter still arrive as Python exceptions).
+    * CUDA: neither. The worker thread is what keeps GPU kernels overlapping, and glog is where
+      CUDA and NCCL errors are reported.
+    """
+    if device == "auto":
+        device = "cuda" if gpu_present() else "cpu"
+    env = {"OF_FACE_DEVICE": device}
+    if device == "cpu":
+        env.update(ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD="0", GLOG_minloglevel="3")
+    return env
+
+
 def preload():
     """Load cuBLAS/cuDNN (retrying, since their order of dependency is not alphabetical)."""
-    # OneFlow 0.9.0's CPU graphs on several ranks are not deterministic (first losses and
-    # updates differ run to run, and training can go NaN) unless kernels run on the VM's
-    # scheduler thread; measured in tests/test_train_determinism.py.
-    os.environ.setdefault("ONEFLOW_VM_COMPUTE_ON_WORKER_THREAD", "0")
-    # Without a GPU, OneFlow's glog prints CUDA-driver warnings at every start; errors that
-    # matter still arrive as Python exceptions.
-    os.environ.setdefault("GLOG_minloglevel", "3")
+    # device settings (process_env): the launcher says which device (OF_FACE_DEVICE); a process
+    # started otherwise gets the ones for the device it can see. A value already set wins.
+    for key, value in process_env(os.environ.get("OF_FACE_DEVICE", "auto")).items():
+        os.environ.setdefault(key, value)
     libs = [p for d in nvidia_lib_dirs() for p in sorted(glob.glob(os.path.join(d, "lib*.so*")))]
     pending = libs
     for _ in range(len(libs) + 1):

@@ -14,6 +14,9 @@ from typing import List, Optional
 
 import yaml
 
+from of_face import strict_yaml
+from of_face.device import DEVICES, device_hint
+
 
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -53,7 +56,9 @@ class GlobalCfg:
         _at_least("Global.save_interval", self.save_interval, 0)
         _at_least("Global.keep_checkpoints", self.keep_checkpoints, 0)
         _at_least("Global.max_nonfinite_steps", self.max_nonfinite_steps, 1)
-        _choice("Global.device", self.device, ("auto", "cpu", "cuda"))
+        if self.device not in DEVICES:
+            raise ConfigError(f"Global.device: expected one of {', '.join(DEVICES)}, got '{self.device}'; "
+                              f"{device_hint(self.device)}")
         _at_least("Global.epochs", self.epochs, 1)
         _at_least("Global.max_steps", self.max_steps, 0)
         _at_least("Global.log_interval", self.log_interval, 1)
@@ -140,6 +145,7 @@ class DataCfg:
     color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1 - x, 1 + x]
     grayscale_prob: float = 0.0  # probability of turning an image into its luma (R = G = B)
     val_targets: List[str] = field(default_factory=lambda: ["synth_val"])  # <root>/<name>.bin
+    skip_bad_records: bool = False  # true: an unreadable image is replaced by the next one, and counted
     # synthetic generator (used when dataset == synthetic)
     synth_identities: int = 200
     synth_images_per_identity: int = 40
@@ -261,7 +267,9 @@ def load_config(path=None, overrides=()):
             raise ConfigError(f"config file not found: {path}")
         with open(path) as f:
             try:
-                raw = yaml.safe_load(f) or {}
+                raw = strict_yaml.load(f) or {}
+            except strict_yaml.DuplicateKeyError as e:
+                raise ConfigError(str(e)) from None
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
@@ -327,15 +335,23 @@ def _coerce(key, hint, value):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(key, float(value))
     if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             pass
+        else:
+            return _finite(key, number)
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _finite(key, value):  # nan / inf would only show up a minute later as a NaN loss
+    if math.isfinite(value):
+        return value
+    raise ConfigError(f"{key}: expected a finite number, got {value}")
 
 
 def _choice(key, value, allowed):

@@ -223,6 +223,9 @@ def export_onnx(run_dir_or_checkpoint, out_path, config=None, opset=11, bake_nor
             del proto.metadata_props[:]
             for key, value in (("normalization", "inside: raw 0..255 RGB" if bake_normalization
                                 else f"outside: (x - {MEAN}) / {STD}, RGB"),
+                               # machine-readable, what embedders.make_embedder applies by default
+                               ("mean", "0" if bake_normalization else str(MEAN)),
+                               ("std", "1" if bake_normalization else str(STD)),
                                ("model", model_cfg.name), ("embedding_size", str(model_cfg.embedding_size))):
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value

@@ -14,6 +14,7 @@ OOM) leaves its temporary behind; `remove_stale_temporaries` deletes exactly tho
 mxnet's RecordIO writer opens its own files).
 """
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -46,6 +47,15 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _injected_fault(path: PathLike) -> None:
+    """Test hook: OF_FACE_FAULT_ENOSPC=<text> makes every atomic write whose file name contains
+    <text> fail as a full disk would (after the data went to the temporary file, before the
+    rename), so tests can run a real launcher into "disk full" without filling a disk."""
+    text = os.environ.get("OF_FACE_FAULT_ENOSPC")
+    if text and text in os.path.basename(os.fspath(path)):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, sync: bool = True) -> Iterator[str]:
     """Yield the temporary name of `path`; on success fsync that file (unless `sync` is False, or
@@ -55,6 +65,7 @@ def atomic_path(path: PathLike, sync: bool = True) -> Iterator[str]:
     _discard(tmp)
     try:
         yield tmp
+        _injected_fault(path)
         if sync and os.path.isfile(tmp):
             _fsync(tmp)
         os.replace(tmp, os.fspath(path))

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Launch training on every process of this node through OneFlow's launcher.
+# Launch training on every process of this node (of_face.train.launch: the config is checked
+# once before any process starts; a failure on any rank ends every rank, prints one `error:` line
+# and hands the rank's exit code to the shell: 2 bad config/input, 1 runtime failure, 3 diverged).
 #
 #   bash scripts/train_ddp.sh [-c CONFIG] [-o Section.key=value ...]
 #
 # Multi-node (run the same command on every node):
 #   NNODES=2 NODE_RANK=0 MASTER=10.0.0.1:12538 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 bash scripts/train_ddp.sh -c ...
 #   NNODES=2 NODE_RANK=1 MASTER=10.0.0.1:12538 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 bash scripts/train_ddp.sh -c ...
-# Processes per node: one per visible GPU, or NPROC_PER_NODE (default 2) on CPU.
+# Processes per node: NPROC_PER_NODE if set; else one per GPU in CUDA_VISIBLE_DEVICES, or one per
+# GPU that nvidia-smi lists when that is unset; else (no GPU) 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,8 +19,11 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER=${MASTER:-127.0.0.1:12538}
 if [ -n "${NPROC_PER_NODE:-}" ]; then
     NPROC=$NPROC_PER_NODE
-elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+elif [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$CUDA_VISIBLE_DEVICES" != "-1" ]; then
     NPROC=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
+elif [ -z "${CUDA_VISIBLE_DEVICES+set}" ] && command -v nvidia-smi >/dev/null 2>&1 \
+        && GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ') && [ "$GPUS" -gt 0 ]; then
+    NPROC=$GPUS
 else
     NPROC=2
 fi
@@ -38,7 +44,6 @@ except OSError as e:
     fi
 fi
 echo "launching $NPROC process(es) on node $NODE_RANK of $NNODES (master $MASTER)" >&2
-exec "$PY" -m oneflow.distributed.launch \
-    --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC" \
-    --master_addr "${MASTER%:*}" --master_port "${MASTER##*:}" \
-    -m of_face.train.main "${ARGS[@]}"
+exec "$PY" -m of_face.train.launch \
+    --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" --master "$MASTER" \
+    "${ARGS[@]}"

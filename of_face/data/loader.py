@@ -14,6 +14,7 @@ per sample seeded from (seed, epoch, index) for the same reason.
 """
 import collections
 import multiprocessing
+import sys
 import weakref
 
 import numpy as np
@@ -53,6 +54,36 @@ def load_batch(dataset, indices, flips, augment=None, stream=(0, 0)):
         raise ValueError(f"images in one batch differ in size: {sorted(shapes)}; all must be equal")
     batch = np.stack(images).transpose(0, 3, 1, 2)
     return np.ascontiguousarray(batch), np.asarray(labels, dtype=np.int64)
+
+
+class SkipBadRecords:
+    """A dataset whose unreadable items (the reader's ValueError: undecodable, truncated, wrong
+    size) are replaced by the next readable item, each one counted with a warning on stderr.
+    Deterministic: the replacement depends only on the index, so batches stay the same for any
+    number of loader workers. Labels are those of the replacement."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.skipped = 0  # in this process (loader workers count their own)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # labels(), num_classes, ... of the wrapped set
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index):
+        n = len(self.dataset)
+        for k in range(n):
+            try:
+                return self.dataset[(int(index) + k) % n]
+            except ValueError as e:
+                self.skipped += 1
+                print(f"warning: {e}; skipped (Data.skip_bad_records=true; {self.skipped} skipped so far "
+                      "by this process)", file=sys.stderr, flush=True)
+        raise ValueError(f"no readable image among the {n} of the data set")
 
 
 def normalize(batch_uint8):

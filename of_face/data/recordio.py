@@ -47,6 +47,14 @@ def _read_property(path):
         raise ValueError(f"{path}: expected 'num_classes,height,width', got {path.read_text()!r}") from None
 
 
+def _reason(err: Exception) -> str:
+    """PIL's complaint without the object reprs it puts in (`<_io.BytesIO object at 0x...>`)."""
+    if type(err).__name__ == "UnidentifiedImageError":
+        return "not a JPEG/PNG/... image"
+    text = str(err).split(" <_io.", 1)[0]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 class RecordDataset:
     """Random access to (image, label) pairs of an indexed RecordIO face dataset.
 
@@ -112,7 +120,8 @@ class RecordDataset:
                 im = im.convert("RGB")
         except Exception as err:  # PIL raises several types for corrupt data
             raise ValueError(f"{self.rec_path}: record {record_id} could not be decoded as an image "
-                             f"({type(err).__name__}: {err})") from None
+                             f"({_reason(err)}); re-pack the set, or set Data.skip_bad_records=true "
+                             "to skip and count such records") from None
         expected = self.image_shape  # a bare im2rec file read without image_size has none to hold to
         if expected is not None and im.size != (expected[1], expected[0]):
             if not self.resize:

@@ -33,11 +33,19 @@ def read_bin_entries(path) -> Tuple[list, np.ndarray]:
     """The raw pickle of a verification .bin: (encoded images, issame bool [P]), count-checked."""
     with open(path, "rb") as f:
         try:
-            bins, issame = pickle.load(f)
-        except UnicodeDecodeError:
-            # Written by Python 2: its `str` image bytes only load as bytes.
-            f.seek(0)
-            bins, issame = pickle.load(f, encoding="bytes")
+            try:
+                bins, issame = pickle.load(f)
+            except UnicodeDecodeError:
+                # Written by Python 2: its `str` image bytes only load as bytes.
+                f.seek(0)
+                bins, issame = pickle.load(f, encoding="bytes")
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+                IndexError, KeyError, MemoryError, UnicodeDecodeError) as e:
+            # a cut download, an HTML error page, another format: name the file, not pickle's opcode
+            cut = isinstance(e, EOFError) or "truncated" in str(e)
+            what = "cut short: a partial download or copy?" if cut else f"{type(e).__name__}: {e}"
+            raise ValueError(f"{path}: not a readable verification .bin ({what}); expected insightface's "
+                             "pickled (images, issame); download or convert it again") from None
     issame = np.asarray(issame, dtype=np.bool_).reshape(-1)
     if len(bins) % 2 or len(bins) != 2 * len(issame):
         raise ValueError(

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from of_face.data.verification_bin import load_bin
-from of_face.eval.embedders import add_model_args, embedder_from_args
+from of_face.eval.embedders import add_model_args, embedder_from_args, one_line_errors
 from of_face.eval.verification import verify_bin
 from of_face.io import atomic_write
 from of_face.scoring import flip_embed, l2_normalize
@@ -40,6 +40,10 @@ from of_face.scoring import flip_embed, l2_normalize
 # distance 1.41..1.48 between flip-summed unit embeddings, i.e. cosine = 1 - d / 2 = 0.26..0.295).
 # It is model-dependent: calibrate with --calibrate-bin for any other model.
 DEFAULT_THRESHOLD = 0.28
+# sha256 of that model file (../shared/models/mobilefacenet_192d.onnx): the one model the default fits
+CALIBRATION_MODEL_SHA256 = "9160c10221d1262f866b70bd27db1129f804cf529459dee9a00658ca730c039e"
+# a face crop's pixels spread over tens of grey levels; below this the image is (nearly) one colour
+FLAT_IMAGE_STD = 2.0
 ALIGNED_SIZE = 112
 
 
@@ -126,11 +130,23 @@ def calibrate_on_bin(path, embed_fn, batch_size=64):
 # --------------------------------------------------------------------------- commands
 
 
+def _is_calibration_model(args) -> bool:
+    """Whether the model is the one DEFAULT_THRESHOLD was calibrated on (same file, same --std)."""
+    import hashlib
+
+    model = getattr(args, "model", None)
+    if getattr(args, "checkpoint", None) or not model or (args.std not in (None, 128.0)):
+        return False
+    with open(model, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest() == CALIBRATION_MODEL_SHA256
+
+
 def names_path(out_npy):
     out = Path(out_npy)
     return out.with_name(out.name[:-4] + ".names.txt" if out.name.endswith(".npy") else out.name + ".names.txt")
 
 
+@one_line_errors
 def embed_main(argv=None):
     ap = argparse.ArgumentParser(prog="of-face embed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,12 +158,8 @@ def embed_main(argv=None):
                          "without it the cosine matrix is printed")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
-    try:
-        landmarks = read_landmarks(args.landmarks) if args.landmarks else None
-        emb = embed_files(args.images, embedder_from_args(args), landmarks, args.batch_size)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"embed: {e}", file=sys.stderr)
-        return 1
+    landmarks = read_landmarks(args.landmarks) if args.landmarks else None
+    emb = embed_files(args.images, embedder_from_args(args), landmarks, args.batch_size)
     if args.out:
         out = args.out if args.out.endswith(".npy") else args.out + ".npy"
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +175,7 @@ def embed_main(argv=None):
     return 0
 
 
+@one_line_errors
 def compare_main(argv=None):
     ap = argparse.ArgumentParser(prog="of-face compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,20 +188,26 @@ def compare_main(argv=None):
     how.add_argument("--calibrate-bin", default=None,
                      help="verification .bin: use the best-accuracy cosine threshold over its pairs")
     args = ap.parse_args(argv)
-    try:
-        landmarks = read_landmarks(args.landmarks) if args.landmarks else None
-        embed = embedder_from_args(args)
-        emb = embed_files([args.a, args.b], embed, landmarks)
-        if args.threshold is not None:
-            threshold, source = args.threshold, "given"
-        elif args.calibrate_bin:
-            threshold, acc, pairs = calibrate_on_bin(args.calibrate_bin, embed)
-            source = f"calibrated on {args.calibrate_bin}: accuracy {acc:.4f} over {pairs} pairs"
-        else:
-            threshold, source = DEFAULT_THRESHOLD, "default; calibrate with --calibrate-bin for your model"
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"compare: {e}", file=sys.stderr)
-        return 1
+    landmarks = read_landmarks(args.landmarks) if args.landmarks else None
+    embed = embedder_from_args(args)
+    faces = np.stack([load_face(p, landmarks) for p in (args.a, args.b)])
+    for path, face in zip((args.a, args.b), faces):
+        spread = float(face.reshape(-1, face.shape[-1]).astype(np.float64).std(axis=0).max())  # over pixels
+        if spread < FLAT_IMAGE_STD:
+            print(f"warning: {path}: almost no variation (pixel std {spread:.2f} grey levels): not a face? "
+                  "the decision below means nothing for it", file=sys.stderr)
+    emb = unit_embeddings(embed, faces)
+    if args.threshold is not None:
+        threshold, source = args.threshold, "given"
+    elif args.calibrate_bin:
+        threshold, acc, pairs = calibrate_on_bin(args.calibrate_bin, embed)
+        source = f"calibrated on {args.calibrate_bin}: accuracy {acc:.4f} over {pairs} pairs"
+    else:
+        threshold, source = DEFAULT_THRESHOLD, "default; calibrate with --calibrate-bin for your model"
+        if not _is_calibration_model(args):
+            print(f"warning: the default threshold {DEFAULT_THRESHOLD} was calibrated for the shared "
+                  "MobileFaceNet (mobilefacenet_192d.onnx), not this model: the decision may be wrong; "
+                  "pass --calibrate-bin X.bin (pairs of your data) or --threshold T", file=sys.stderr)
     cosine = float(np.dot(emb[0].astype(np.float64), emb[1].astype(np.float64)))
     print(f"cosine: {cosine:.6f}")
     print(f"threshold: {threshold:.6f} ({source})")
@@ -196,6 +215,7 @@ def compare_main(argv=None):
     return 0
 
 
+@one_line_errors
 def verify_main(argv=None, prog="of-face verify"):
     """1:1 verification accuracy on .bin files (insightface protocol), ONNX model or checkpoint."""
     ap = argparse.ArgumentParser(

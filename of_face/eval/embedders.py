@@ -17,6 +17,9 @@ everywhere:
       training checkpoint (its stored config); training normalisation. The one used is printed.
 """
 import argparse
+import functools
+import os
+import sys
 from typing import Callable, Optional
 
 import numpy as np
@@ -34,16 +37,30 @@ def make_embedder(model: Optional[str] = None, checkpoint: Optional[str] = None,
     Config or ModelCfg when it is not next to the checkpoint; device, batch_size for OneFlow)."""
     if (model is None) == (checkpoint is None):
         raise ValueError("give exactly one of model (an ONNX file) or checkpoint (a run folder or backbone.npz)")
+    path = checkpoint if checkpoint is not None else model
+    if not os.path.exists(path):
+        what = "--checkpoint: run folder or backbone.npz" if checkpoint is not None else "--model: ONNX file"
+        raise FileNotFoundError(f"{path}: not found ({what})")
     if checkpoint is not None:
+        from of_face.device import check_device
         from of_face.eval.checkpoint_embedder import CheckpointEmbedder
 
+        device = check_device(device)  # no GPU, or one OneFlow 0.9 has no kernels for: one message
         return CheckpointEmbedder(checkpoint, config=config, device=device, batch_size=batch_size)
     from of_face.eval.onnx_embedder import OnnxEmbedder
 
-    embed = OnnxEmbedder(model, mean=DEFAULT_MEAN, std=DEFAULT_STD, threads=threads)
-    # `of_face.export --bake-normalization` records that the model takes raw pixels.
+    try:
+        embed = OnnxEmbedder(model, mean=DEFAULT_MEAN, std=DEFAULT_STD, threads=threads, device=device)
+    except ValueError:  # --device cuda without the CUDA provider: already one line
+        raise
+    except Exception as e:  # onnxruntime's load errors (InvalidProtobuf, Fail, ...) share no base class
+        raise ValueError(f"{model}: not a loadable ONNX model ({str(e).splitlines()[0][-200:]})") from None
+    # of_face exports record their normalisation (export.py): "mean"/"std", and the older
+    # `--bake-normalization` marker (raw pixels in)
     meta = embed.session.get_modelmeta().custom_metadata_map
-    if meta.get("normalization", "").startswith("inside"):
+    if "mean" in meta and "std" in meta:
+        embed.mean, embed.std = float(meta["mean"]), float(meta["std"])
+    elif meta.get("normalization", "").startswith("inside"):
         embed.mean, embed.std = 0.0, 1.0
     if mean is not None:
         embed.mean = float(mean)
@@ -60,10 +77,15 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                        "or a ckpt-* checkpoint")
     ap.add_argument("-c", "--config", default=None, help="with --checkpoint: config.yaml if not next to it")
     ap.add_argument("--mean", type=float, default=None,
-                    help="ONNX only: pixel mean (default 127.5; 0 for an of_face export with baked normalisation)")
+                    help="ONNX only: pixels go in as (x - mean) / std. Default: what an of_face export's metadata "
+                         "says (127.5, or 0 with baked normalisation), else 127.5")
     ap.add_argument("--std", type=float, default=None,
-                    help="ONNX only: pixel std (default 127.5; 1 for an of_face export with baked normalisation)")
+                    help="ONNX only: default from an of_face export's metadata, else 127.5 (insightface's "
+                         "arcface models); a model trained with another one needs it, e.g. 128 for the shared "
+                         "MobileFaceNet: a wrong value lowers accuracy without any error")
     ap.add_argument("--threads", type=int, default=None, help="ONNX only: onnxruntime intra-op threads")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: onnxruntime's CUDA provider (needs onnxruntime-gpu) or OneFlow on the GPU")
 
 
 def embedder_from_args(args: argparse.Namespace) -> Embedder:
@@ -71,4 +93,19 @@ def embedder_from_args(args: argparse.Namespace) -> Embedder:
     checkpoint = getattr(args, "checkpoint", None) or None
     model = None if checkpoint else getattr(args, "model", None)
     return make_embedder(model, checkpoint, config=getattr(args, "config", None), mean=getattr(args, "mean", None),
-                         std=getattr(args, "std", None), threads=getattr(args, "threads", None))
+                         std=getattr(args, "std", None), threads=getattr(args, "threads", None),
+                         device=getattr(args, "device", "cpu"))
+
+
+def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap an evaluation command: a missing or unreadable file, a bad value or an unusable device
+    ends it with one `error: ...` line on stderr and exit status 1, not a traceback."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (ValueError, OSError) as e:
+            text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+            print(f"error: {text}", file=sys.stderr)
+            return 1
+    return run

@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from sklearn.metrics import auc, roc_curve
 
 from of_face.eval.align import align_face
-from of_face.eval.embedders import add_model_args, embedder_from_args
+from of_face.eval.embedders import add_model_args, embedder_from_args, one_line_errors
 from of_face.io import atomic_write
 from of_face.scoring import flip_embed, interp_step
 
@@ -41,6 +40,12 @@ def read_layout(image_path, target="IJBC"):
     if target.upper() not in ("IJBC", "IJBB"):
         raise ValueError(f"target must be IJBC or IJBB, got {target!r}")
     meta, prefix = root / "meta", target.lower()
+    needed = [meta / f"{prefix}_{name}.txt" for name in ("face_tid_mid", "name_5pts_score", "template_pair_label")]
+    missing = [str(p.relative_to(root)) for p in needed + [root / "loose_crop"] if not p.exists()]
+    if missing:  # all at once: a partly copied layout is fixed in one go
+        raise FileNotFoundError(f"{root}: missing {', '.join(missing)} (an {target.upper()} layout: meta/ with "
+                                f"{prefix}_face_tid_mid.txt, {prefix}_name_5pts_score.txt, "
+                                f"{prefix}_template_pair_label.txt, and loose_crop/)")
     tid_mid = _rows(meta / f"{prefix}_face_tid_mid.txt", 3)
     lmk = _rows(meta / f"{prefix}_name_5pts_score.txt", 12)
     # IJB-C lists 15.7 M pairs: one split of the whole text is much faster than np.loadtxt.
@@ -67,10 +72,16 @@ def read_layout(image_path, target="IJBC"):
 
 
 def load_aligned(path, landmarks5):
-    """Decode one image as RGB and warp it onto the 112x112 ArcFace template (timed)."""
+    """Decode one image as RGB and warp it onto the 112x112 ArcFace template (timed). Decoded by
+    OpenCV, as insightface's onnx_ijbc.py does (cv2.imread, BGR -> RGB)."""
+    import cv2
+
     start = time.perf_counter()
-    with Image.open(path) as img:
-        rgb = np.asarray(img.convert("RGB"))
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        what = "file not found" if not os.path.isfile(path) else "could not be decoded as an image"
+        raise ValueError(f"{path}: {what}")
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     return align_face(rgb, landmarks5), time.perf_counter() - start
 
 
@@ -233,6 +244,7 @@ Prints the TAR@FAR table and timings; with --result-dir also writes scores.npy, 
 """
 
 
+@one_line_errors
 def main(argv=None, prog: str = "of-face ijbc") -> int:
     """`of-face ijbc` / eval/ijbc.py: the TAR@FAR table (and files with --result-dir) of one model."""
     ap = argparse.ArgumentParser(prog=prog, description=MAIN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)

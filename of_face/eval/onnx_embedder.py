@@ -1,10 +1,22 @@
-"""Face embeddings from an ONNX model with onnxruntime on CPU.
+"""Face embeddings from an ONNX model with onnxruntime (CPU, or CUDA when its provider is installed).
 
 Used by the evaluation CLIs and tests to check the evaluation code against an external,
 pretrained model (and to evaluate exported of_face models the same way).
 """
 import numpy as np
 import onnxruntime as ort
+
+
+def providers(device: str = "cpu") -> list:
+    """onnxruntime execution providers for `device` (cpu | cuda); cuda needs the CUDA build."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if device != "cuda" or "CUDAExecutionProvider" not in available:
+        raise ValueError(f"--device {device}: this onnxruntime ({ort.__version__}) offers {', '.join(available)}; "
+                         f"for GPUs install onnxruntime-gpu=={ort.__version__} in place of onnxruntime, "
+                         "or use --device cpu")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 class OnnxEmbedder:
@@ -14,13 +26,15 @@ class OnnxEmbedder:
     from its input shape. The batch dimension may be dynamic or fixed (then inputs are chunked).
     """
 
-    def __init__(self, model_path, mean=127.5, std=127.5, threads=None):
+    def __init__(self, model_path, mean=127.5, std=127.5, threads=None, device="cpu"):
         opts = ort.SessionOptions()
+        # errors only: some exported models (SFace-style) make onnxruntime print one warning per
+        # initializer at load (174 lines), which buries the result
+        opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_path), sess_options=opts,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers(device))
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name

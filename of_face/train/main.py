@@ -16,14 +16,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from of_face.run_folder import die_with_parent
+    from of_face.train.errors import guard_rank
 
-    if "LOCAL_RANK" in os.environ:  # started by a launcher: a rank never outlives it (not a nohup'ed
-        die_with_parent()  # single process, whose parent is a shell that may go away)
+    guard_rank()  # under of_face.train.launch: die with the launcher
+    if "LOCAL_RANK" in os.environ:  # under oneflow.distributed.launch too (not a nohup'ed single
+        die_with_parent()  # process, whose parent is a shell that may go away)
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.override)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     from of_face.train.trainer import run  # imports OneFlow: only after the config is valid
 

@@ -11,10 +11,10 @@ import oneflow as flow
 
 
 def rng_states() -> Tuple[Dict[str, np.ndarray], dict]:
+    # CPU generator only: OneFlow 0.9.0 has no CUDA generator state API (flow.cuda offers
+    # manual_seed/manual_seed_all, nothing to read a state back), and the random ops of a step
+    # restart their stream on resume anyway (module docstring)
     states = {"rng/flow_cpu": flow.default_generator.get_state().numpy()}
-    if flow.cuda.is_available():
-        for i, s in enumerate(flow.cuda.get_rng_state_all()):
-            states[f"rng/flow_cuda{i}"] = s.numpy()
     np_state = np.random.get_state()
     states["rng/numpy_keys"] = np_state[1]
     return states, {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -24,10 +24,6 @@ def rng_states() -> Tuple[Dict[str, np.ndarray], dict]:
 def set_rng_states(arrays, meta: dict) -> None:
     if "rng/flow_cpu" in arrays:
         flow.default_generator.set_state(flow.tensor(arrays["rng/flow_cpu"]))
-    if flow.cuda.is_available():
-        states = [arrays[k] for k in sorted(k for k in arrays if k.startswith("rng/flow_cuda"))]
-        if len(states) == flow.cuda.device_count():
-            flow.cuda.set_rng_state_all([flow.tensor(s) for s in states])
     rng = meta.get("rng", {})
     if "numpy" in rng and "rng/numpy_keys" in arrays:
         kind, pos, has_gauss, cached = rng["numpy"]

@@ -4,7 +4,6 @@ Runs identically in every process of the launcher's world; only rank 0 prints an
 """
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -12,9 +11,11 @@ import numpy as np
 from of_face import checkpoint, checkpoint_shards, parallel, run_folder
 from of_face.config import ConfigError
 from of_face.data.augment import Augment
-from of_face.data.loader import ShardedLoader
+from of_face.data.loader import ShardedLoader, SkipBadRecords
 from of_face.data.recordio import RecordDataset
+from of_face.device import check_device
 from of_face.models.weights import save_backbone
+from of_face.train.errors import fail
 from of_face.train.optim import lr_at
 from of_face.train.progress import Progress
 from of_face.train.system import BatchPlan, build
@@ -57,6 +58,8 @@ def prepare_data(cfg):
             raise ConfigError(f"Data.root: {e}") from None
     else:
         dataset = _open_record_dataset(data)
+    if data.skip_bad_records:
+        dataset = SkipBadRecords(dataset)
     num_classes = cfg.Loss.num_classes or dataset.num_classes
     if cfg.Loss.num_classes and cfg.Loss.num_classes != dataset.num_classes:
         raise ConfigError(
@@ -287,11 +290,9 @@ class NonFiniteLoss(RuntimeError):
 
 
 def run(cfg):
+    """Train; any error ends this process with one line and its exit code (train/errors.py)."""
     try:
+        check_device(cfg.Global.device, log)  # a GPU OneFlow 0.9 has no kernels for: say so first
         return Trainer(cfg).fit()
-    except (ConfigError, FileNotFoundError) as e:  # bad config, data, checkpoint: nothing trained
-        log(f"error: {e}")
-        sys.exit(2)
-    except NonFiniteLoss as e:
-        log(f"error: {e}")
-        sys.exit(3)
+    except (Exception, KeyboardInterrupt) as e:
+        fail(e, int(os.environ.get("WORLD_SIZE", "1")), cfg.Global.output_dir)

@@ -35,6 +35,14 @@ class Verifier:
                 raise ConfigError(f"Data.val_targets: {path} not found")
             self.targets.append((name, path))
         self._sets = {}
+        # read and decode every set now: a bad .bin stops the run before training, not after it
+        for name, path in self.targets:
+            try:
+                self._sets[name] = load_bin(path)
+            except FileNotFoundError:
+                raise ConfigError(f"Data.val_targets: {path} not found") from None
+            except ValueError as e:
+                raise ConfigError(f"Data.val_targets: {e}") from None
         self._graph = None
 
     def embed(self, images_uint8):
