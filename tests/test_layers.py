@@ -29,7 +29,7 @@ RANKS = {
     "of_face.data.": "data", "of_face.data": "data",
     "of_face.models.": "models", "of_face.models": "models",
     "of_face.heads.": "heads", "of_face.heads": "heads",
-    "of_face.config": "config",
+    "of_face.config": "config", "of_face.config_fields": "config",
     "of_face.checkpoint": "train", "of_face.checkpoint_shards": "train", "of_face.run_folder": "train",
     "of_face.train.": "train", "of_face.train": "train",
     "of_face.export": "export", "of_face.onnx_surgery": "export",
