@@ -265,7 +265,8 @@ def _agree(error: Optional[OSError], path: str, last_good: Optional[str], partia
     r = int(np.flatnonzero(codes)[0])
     why = (os.strerror(codes[r]) if codes[r] > 0 else "write error") + (f" on rank {r}" if r else "")
     raise CheckpointWriteError(f"could not write checkpoint {path} ({why}); the run stops. Last good checkpoint: "
-                               f"{last_good or 'none (no checkpoint was saved)'}")
+                               f"{last_good or 'none (no checkpoint was saved)'}; free some space and resume with "
+                               "Global.resume=auto")
 
 
 def _jsonable(obj):  # (an LR scheduler's state: numpy scalars, tuples, int keys)

@@ -44,8 +44,10 @@ def test_disk_full_while_checkpointing_stops_every_rank_and_keeps_the_last_check
     where = f" on rank {rank}" if rank else ""
     want = (f"error: could not write checkpoint {out / ('ckpt-00000004' + ext)} (No space left on device{where}); "
             f"the run stops. Last good checkpoint: {out / ('ckpt-00000002' + ext)}")
-    assert rc != 0, text[-4000:]  # the rank's 2, reported by the launcher as 1
-    assert text.count(want) == 1, text[-4000:]
+    assert rc != 0, text[-4000:]  # the rank's 1 (a runtime failure)
+    # every rank stops with the same line; under oneflow's launcher each prints it, of_face's
+    # launcher prints it once (tests/test_launch_failures.py)
+    assert 1 <= text.count(want) <= 2, text[-4000:]
     assert f"File \"{REPO / 'of_face'}" not in text, text[-4000:]  # no traceback of a rank
     assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == [f"ckpt-00000002{ext}"]
     assert checkpoint.latest_checkpoint(str(out)) == str(out / f"ckpt-00000002{ext}")

@@ -111,7 +111,7 @@ def test_corrupt_record_skipped_when_asked(faces, tmp_path):
 def test_disk_full_while_checkpointing(faces, tmp_path):
     out = tmp_path / "run"
     proc, took = launch(tiny(faces, out, "Global.save_interval=2"), env={"OF_FACE_FAULT_ENOSPC": "ckpt-"})
-    line = check_one_line(proc, 1, [str(out / "ckpt-00000002.npz"), "no space left on device",
+    line = check_one_line(proc, 1, [str(out / "ckpt-00000002.npz"), "No space left on device",
                                     "Global.resume=auto"], out)
     print(f"disk full: {took:.1f}s: {line}")
 

@@ -61,7 +61,7 @@ def read_record(f, offset: int, rec_path, record_id: int) -> bytes:
         magic, lrec = struct.unpack("<II", head)
         if magic != RECORD_MAGIC:
             raise ValueError(f"{rec_path}: record {record_id} does not start with the RecordIO magic "
-                             f"(is the .idx the index of this file?)")
+                             f"(is {Path(rec_path).with_suffix('.idx').name} the index of this file?)")
         cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
         data = f.read(length)
         if len(data) < length:
@@ -96,7 +96,7 @@ def read_label(f, offset: int, rec_path, record_id: int) -> int:
     magic, _ = struct.unpack("<II", raw[:8])
     if magic != RECORD_MAGIC:
         raise ValueError(f"{rec_path}: record {record_id} does not start with the RecordIO magic "
-                         f"(is the .idx the index of this file?)")
+                         f"(is {Path(rec_path).with_suffix('.idx').name} the index of this file?)")
     flag, label, _, _ = struct.unpack(IR_FORMAT, raw[8:8 + IR_SIZE])
     if flag > 0:  # vector label stored after the header; its first element is the class
         (label,) = struct.unpack("<f", raw[8 + IR_SIZE:8 + IR_SIZE + 4])

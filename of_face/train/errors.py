@@ -56,6 +56,8 @@ def describe(exc: BaseException, output_dir: str = "") -> Tuple[int, str]:
     from of_face.config import ConfigError
 
     name = type(exc).__name__
+    if isinstance(exc, OSError) and isinstance(exc, ConfigError):  # a checkpoint write that failed on some
+        return 1, str(exc)  # rank (checkpoint.CheckpointWriteError): a runtime failure, already one line
     if isinstance(exc, (ConfigError, InputError)):
         return 2, str(exc)
     if name == "NonFiniteLoss":

@@ -14,6 +14,7 @@ has the graph merge the backbone's groups into one conf: SGD's decay is per vari
 import bisect
 import math
 import re
+import weakref
 from typing import Any, Dict, List, Optional
 
 import oneflow as flow
@@ -77,10 +78,14 @@ def _one_clip_conf_in_graph(optimizer) -> None:
     no-decay group) is excluded from that conf's decoupled decay by its exact name (AdamW;
     SGD's decay is already per variable). Eager mode does not use this (see `clip_groups`).
     """
-    original = optimizer._generate_conf_for_graph
+    # no reference cycle (optimizer -> generate -> optimizer): a cycle keeps the optimizer and its
+    # tensors alive until the collector runs, which may be after OneFlow's shutdown (measured: a
+    # resumed 2-rank run then hung at exit)
+    original, ref = type(optimizer)._generate_conf_for_graph, weakref.ref(optimizer)
 
     def generate(train_conf, vars_conf):
-        confs = original(train_conf, vars_conf)
+        optimizer = ref()
+        confs = original(optimizer, train_conf, vars_conf)
         first = len(train_conf.optimizer_conf) - len(confs)  # this optimizer's confs are the last ones
         tagged = [i for i, g in enumerate(optimizer.param_groups) if CLIP_TAG in g]
         if len(tagged) < 2:
