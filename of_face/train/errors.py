@@ -47,6 +47,11 @@ def guard_rank() -> None:
         os._exit(1)
 
 
+class PeerFailed(RuntimeError):
+    """Another rank (rank 0) already reported why the run stops: this rank says nothing and waits
+    to be killed, so the launcher prints that rank's line, not a vaguer one from here."""
+
+
 class InputError(ValueError):
     """An input (data record, verification set, index) is unusable: exit code 2."""
 
@@ -81,6 +86,9 @@ def describe(exc: BaseException, output_dir: str = "") -> Tuple[int, str]:
 
 def fail(exc: BaseException, world_size: int, output_dir: str = "") -> None:
     """Print the one line for `exc` and end this process with its code (see the module docstring)."""
+    if isinstance(exc, PeerFailed) and world_size > 1:
+        time.sleep(30)  # rank 0's line and code end the run (the launcher kills this rank first)
+        os._exit(2)
     code, message = describe(exc, output_dir)
     if os.environ.get("OF_FACE_DEBUG") == "1":
         traceback.print_exception(type(exc), exc, exc.__traceback__)

@@ -15,7 +15,7 @@ from of_face.data.loader import ShardedLoader, SkipBadRecords
 from of_face.data.recordio import RecordDataset
 from of_face.device import check_device
 from of_face.models.weights import save_backbone
-from of_face.train.errors import fail
+from of_face.train.errors import PeerFailed, fail
 from of_face.train.optim import lr_at
 from of_face.train.progress import Progress
 from of_face.train.system import BatchPlan, build
@@ -91,7 +91,7 @@ def _open_record_dataset(data):
         except (ConfigError, FileNotFoundError) as e:
             error = e
     if not parallel.all_ok(error is None):
-        raise error or ConfigError(f"Data.root: {data.root} could not be opened (see rank 0)")
+        raise error or PeerFailed(f"Data.root: {data.root} could not be opened (see rank 0)")
     return dataset if dataset is not None else open_()
 
 
