@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from of_face import parallel
-from of_face.io import atomic_write
+from of_face.io import atomic_write, fsync_path
 
 MANIFEST = "manifest.json"
 MAIN = "main.npz"
@@ -86,7 +86,7 @@ def finish(path: str, tmp: str, meta: dict, keys, world: int, padded: int, num_c
                 "shards": shards}
     with atomic_write(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f)
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     if os.path.isdir(path):  # the same step saved again (a resumed run): the newer one wins
         old = f"{partial_dir(path)}.old"
         os.replace(path, old)
@@ -94,15 +94,7 @@ def finish(path: str, tmp: str, meta: dict, keys, world: int, padded: int, num_c
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(os.path.dirname(path) or ".")
 
 
 def read_manifest(path: str) -> Optional[dict]:

@@ -39,7 +39,8 @@ def _discard(tmp: str) -> None:
         os.remove(tmp)
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """fsync a file or a folder (a folder: so that a rename or a new entry in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -67,7 +68,7 @@ def atomic_path(path: PathLike, sync: bool = True) -> Iterator[str]:
         yield tmp
         _injected_fault(path)
         if sync and os.path.isfile(tmp):
-            _fsync(tmp)
+            fsync_path(tmp)
         os.replace(tmp, os.fspath(path))
     except BaseException:
         _discard(tmp)
