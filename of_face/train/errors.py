@@ -29,9 +29,14 @@ PR_SET_PDEATHSIG = 1
 
 
 def guard_rank() -> None:
-    """In a rank started by of_face.train.launch: die (SIGKILL) when the launcher dies, so that a killed
-    launcher never leaves ranks waiting in a collective. Linux prctl, else a watchdog thread."""
+    """In a rank started by a launcher (of_face.train.launch, or any when WORLD_SIZE > 1): die
+    (SIGKILL) when the launcher dies, so that a dead launcher never leaves ranks waiting in a
+    collective. Linux prctl, else a watchdog thread."""
     pid = os.environ.get("OF_FACE_LAUNCHER_PID")
+    if not pid and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # under another launcher (oneflow.distributed.launch): it gives up on a failed rank without
+        # killing the others, which then wait in a collective (and hold its pipes) forever
+        pid = str(os.getppid())
     if not pid:
         return
     try:
