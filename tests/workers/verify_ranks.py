@@ -20,7 +20,7 @@ from of_face.train.verify import Verifier
 out, mode = sys.argv[1], sys.argv[2]
 stats_rank = int(sys.argv[3]) if len(sys.argv) > 3 else parallel.rank()
 cfg = load_config(None, [f"Global.mode={mode}", "Global.seed=1", "Model.name=iresnet", "Model.layers=[1, 1, 1, 1]",
-                         "Model.width=4", "Model.embedding_size=8", "Data.batch_size=3"])
+                         "Model.width=4", "Model.embedding_size=8", "Data.batch_size=3", "Data.val_targets=[]"])
 flow.manual_seed(1)
 backbone = build_backbone(cfg.Model)
 flow._oneflow_internal.eager.Sync()
