@@ -94,15 +94,19 @@ def _zip_pth(path, pickle_bytes):
         zf.writestr("archive/version", "3\n")
 
 
-def test_hostile_pickle_is_refused_without_running(tmp_path):
-    marker = tmp_path / "ran"
-
+def _hostile_pth(path, marker):
+    """A .pth whose pickle would run `touch marker` if unpickled without restriction."""
     class Evil:
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
 
+    _zip_pth(path, pickle.dumps({"w": Evil()}, protocol=2))
+
+
+def test_hostile_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "ran"
     bad = tmp_path / "evil.pth"
-    _zip_pth(bad, pickle.dumps({"w": Evil()}, protocol=2))
+    _hostile_pth(bad, marker)
     with pytest.raises(WeightsFileError) as e:
         read_pth(str(bad))
     assert "system" in str(e.value) and str(bad) in str(e.value) and "refusing pickle global" in str(e.value)
@@ -265,13 +269,8 @@ def test_global_pretrained_refuses_hostile_pth_with_config_key(tmp_path):
     from of_face.train.system import build
 
     marker = tmp_path / "ran"
-
-    class Evil:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
     bad = tmp_path / "zoo.pth"
-    _zip_pth(bad, pickle.dumps({"w": Evil()}, protocol=2))
+    _hostile_pth(bad, marker)
     cfg = load_config(None, ["Model.name=mbf", "Model.width=8", "Global.device=cpu", f"Global.pretrained={bad}"])
     with pytest.raises(ConfigError, match=r"Global.pretrained: .*zoo.pth: refusing pickle global '(posix|os).system'"):
         build(cfg, 14, total_steps=1)
