@@ -203,20 +203,23 @@ def save_checkpoint(out_dir: str, step: int, system, meta: dict, keep: int = 0,
     sources.update({f"graph/{name}": t for name, t in state.variables.items()})
     rows, world, rank = head.num_classes, parallel.world_size(), parallel.rank()
     sharded = meta.get("checkpoint_format") == "sharded"
-    own = shards.row_range(rank, world, head.weight.shape[0], rows)
+    own = shards.row_range(rank, world, parallel.fc_num_rows(head.weight), rows)
     arrays, local = {}, {}
     for key, t in sources.items():
         if sharded and _fc_rows(key):  # this rank's own real rows (read when written), never the whole
             local[key] = t
             continue
-        a = t if isinstance(t, np.ndarray) else parallel.to_rank0_numpy(t)
+        if isinstance(t, np.ndarray):
+            a = t
+        else:
+            a = parallel.fc_rows_rank0(t) if _fc_rows(key) else parallel.to_rank0_numpy(t)
         arrays[key] = a[:rows] if a is not None and _fc_rows(key) else a
     replicas = parallel.divergent_replicas({k: t for k, t in sources.items() if not isinstance(t, np.ndarray)})
     arrays.update({f"replica/{k}": a for k, a in replicas.items()})
     eager = state.scheduler is not None
     rng, rng_meta = rng_states()
     meta = dict(meta, format=CKPT_FORMAT, step=int(step), world_size=world,
-                num_classes=int(rows), embedding_size=int(head.weight.shape[1]),
+                num_classes=int(rows), embedding_size=int(head.embedding_size),
                 optimizer=type(system.optimizer).__name__,
                 optimizer_step=int(state.variables[TRAIN_STEP_VAR][0]) if eager else None,
                 scheduler=_jsonable(state.scheduler) if eager else None, rng=rng_meta)
@@ -232,7 +235,7 @@ def save_checkpoint(out_dir: str, step: int, system, meta: dict, keep: int = 0,
     try:
         if sharded:
             for key, t in local.items():  # one key's host copy at a time (a view on CPU)
-                shards.write_rows(tmp, key, rank, t.to_local().numpy()[:own[1] - own[0]])
+                shards.write_rows(tmp, key, rank, parallel.fc_local_rows(t).numpy()[:own[1] - own[0]])
             if rank == 0:
                 shards.write_main(tmp, arrays)
         elif rank == 0:
@@ -243,7 +246,7 @@ def save_checkpoint(out_dir: str, step: int, system, meta: dict, keep: int = 0,
     if sharded:  # every rank's rows are on disk: the manifest and the rename make the set whole
         try:
             if rank == 0:
-                shards.finish(path, tmp, meta, sorted(local), world, head.weight.shape[0], rows)
+                shards.finish(path, tmp, meta, sorted(local), world, parallel.fc_num_rows(head.weight), rows)
         except OSError as e:
             error = e
         _agree(error, path, last_good, tmp)
@@ -294,8 +297,9 @@ def load_checkpoint(path: str, system) -> dict:
     def own_rows(key, ref, in_place=False):  # this rank's slice of the new world's padded rows, placed like `ref`
         if manifest:
             return shards.load_rows(path, manifest, key, ref, in_place)
-        n = ref.shape[0] // parallel.world_size()
-        return parallel.place_local_like(_pad_rows(data[key], ref.shape[0])[parallel.rank() * n:][:n], ref)
+        padded = parallel.fc_num_rows(ref)
+        n = padded // parallel.world_size()
+        return parallel.place_local_like(_pad_rows(data[key], padded)[parallel.rank() * n:][:n], ref)
     replicas = [k for k in data if k.startswith("replica/")]
     if replicas and meta.get("world_size") == parallel.world_size():
         for k in replicas:  # the same world: every rank gets back its own copy (parallel.divergent_replicas)
@@ -340,7 +344,7 @@ def _check_model(path, data, meta, backbone, head, fc_shape):
             f"unexpected {[k[6:] for k in extra[:3]]}, shape mismatch {wrong[:3]}")
     if fc_shape is None:
         raise CheckpointError(f"{path}: no FC weight ({HEAD_WEIGHT}) in the checkpoint")
-    if tuple(fc_shape) != (head.num_classes, head.weight.shape[1]):
+    if tuple(fc_shape) != (head.num_classes, head.embedding_size):
         raise CheckpointError(
             f"{path}: FC weight is [{fc_shape[0]} classes, {fc_shape[1]}] but this run has "
-            f"[{head.num_classes} classes (Loss.num_classes / the data set), {head.weight.shape[1]}]")
+            f"[{head.num_classes} classes (Loss.num_classes / the data set), {head.embedding_size}]")

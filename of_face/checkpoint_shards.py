@@ -138,9 +138,9 @@ def load_rows(path: str, manifest: dict, key: str, ref, in_place: bool = False) 
     """This rank's rows of `key` in the current world, placed like the class-split tensor `ref`.
     `in_place` with a CPU `ref`: read into `ref` itself (its numpy view; returns None), so the
     load needs no host memory beyond the tensor."""
-    n = ref.shape[0] // parallel.world_size()
+    n = parallel.fc_num_rows(ref) // parallel.world_size()
     start = parallel.rank() * n
-    local = ref.to_local()
+    local = parallel.fc_local_rows(ref)
     if in_place and local.device.type == "cpu":
         read_rows(path, manifest, key, start, start + n, n, out=local.numpy())
         return None

@@ -7,8 +7,16 @@ Reading this file alone should tell how training is parallelised:
 | images, labels (the batch)  | split(0)     | data parallel: each rank holds its own samples  |
 | backbone parameters         | broadcast    | replicated; gradients are all-reduced           |
 | embeddings, labels in head  | broadcast    | all-gathered so every rank sees the whole batch |
-| FC weight [classes, dim]    | split(0)     | model parallel: each rank owns a class slice    |
-| logits [batch, classes]     | split(1)     | follows from broadcast x split(0) weight        |
+| FC weight [local, world, d] | split(1)     | model parallel: rank r owns classes r*local + j |
+| kept FC rows [world*k, d]   | split(0)     | each rank's own kept rows, in rank order        |
+| logits [batch, world*k]     | split(1)     | follows from broadcast x split(0) rows          |
+
+The FC weight is stored as a [local, world, dim] table split along its middle axis (each rank's
+memory is its own [local, dim] rows) rather than [classes, dim] split(0): an `index_select`
+along axis 0 with one broadcast position list then reads, on every rank, only its own rows,
+and nn.Graph compiles its gradient plus the optimizer into an indexed-slices update (see
+heads/partial_fc.py). `fc_weight`, `fc_rows` and `fc_local_rows` convert to and from the
+[classes, dim] order (rank-major) that checkpoints and tests use.
 
 Everything else asks this module instead of writing `flow.sbp` literals.
 """
@@ -23,7 +31,8 @@ import oneflow as flow
 SBP_BATCH = (flow.sbp.split(0),)
 SBP_PARAM = (flow.sbp.broadcast,)
 SBP_GATHERED = (flow.sbp.broadcast,)
-SBP_FC_WEIGHT = (flow.sbp.split(0),)
+SBP_FC_WEIGHT = (flow.sbp.split(0),)  # class-split vectors and rows [classes or world*k, ...]
+SBP_FC_TABLE = (flow.sbp.split(1),)  # the FC weight table [local, world, dim]
 SBP_LOGITS = (flow.sbp.split(1),)
 
 
@@ -84,13 +93,26 @@ def broadcast_module(module: flow.nn.Module, device: str = "auto") -> flow.nn.Mo
 
 
 def fc_weight(array: np.ndarray, device: str = "auto") -> flow.Tensor:
-    """A full [classes, dim] numpy weight -> global tensor split along classes.
-
-    Each rank materialises only its own slice (no full-size copy per rank).
-    """
+    """A full [classes, dim] numpy weight (rank-major class order) -> the FC table [local, world,
+    dim] split(1). Each rank materialises only its own rows (no full-size copy per rank)."""
     n = array.shape[0] // world_size()
     local = np.ascontiguousarray(array[rank() * n : (rank() + 1) * n])
-    return flow.tensor(local).to_global(placement=placement(device), sbp=SBP_FC_WEIGHT)
+    return fc_place_rows(local, device=device)
+
+
+def fc_place_rows(local: np.ndarray, ref: Optional[flow.Tensor] = None, device: str = "auto") -> flow.Tensor:
+    """This rank's own [local, ...] rows (numpy) -> the FC table [local, world, ...] split(1),
+    placed like `ref` when given (no second host copy)."""
+    place = ref.placement if ref is not None else placement(device)
+    if ref is not None:
+        local = np.ascontiguousarray(local, dtype=flow.convert_oneflow_dtype_to_numpy_dtype(ref.dtype))
+    t = flow.from_numpy(np.ascontiguousarray(local)).unsqueeze(1)
+    return t.to_global(placement=place, sbp=SBP_FC_TABLE)
+
+
+def replicated(array: np.ndarray, device: str = "auto") -> flow.Tensor:
+    """A numpy value every rank computed alike -> broadcast global tensor (no communication)."""
+    return broadcast_array(array, placement(device))
 
 
 def fc_shard(local_array: np.ndarray, device: str = "auto") -> flow.Tensor:
@@ -99,8 +121,47 @@ def fc_shard(local_array: np.ndarray, device: str = "auto") -> flow.Tensor:
 
 
 def fc_weight_random(num_rows: int, dim: int, std: float, device: str = "auto") -> flow.Tensor:
-    """N(0, std) class centres generated shard by shard, split along classes."""
-    return flow.normal(0.0, std, (num_rows, dim), placement=placement(device), sbp=SBP_FC_WEIGHT)
+    """N(0, std) class centres generated shard by shard: the FC table [num_rows / world, world, dim]."""
+    world = world_size()
+    return flow.normal(0.0, std, (num_rows // world, world, dim), placement=placement(device), sbp=SBP_FC_TABLE)
+
+
+def is_fc_table(t) -> bool:
+    return isinstance(t, flow.Tensor) and t.is_global and t.ndim >= 2 and tuple(t.sbp) == SBP_FC_TABLE
+
+
+def fc_num_rows(t: flow.Tensor) -> int:
+    """Padded class count of an FC table [local, world, ...] (or of a [classes, ...] tensor)."""
+    return t.shape[0] * t.shape[1] if is_fc_table(t) else t.shape[0]
+
+
+def fc_local_rows(t: flow.Tensor) -> flow.Tensor:
+    """This rank's own rows [local, ...] of an FC table (a view of its local tensor)."""
+    local = t.to_local()
+    return local.view(local.shape[0], *local.shape[2:]) if is_fc_table(t) else local
+
+
+def table_to_rows(a: np.ndarray) -> np.ndarray:
+    """A whole FC table [local, world, ...] (numpy) -> [classes, ...] in rank-major class order."""
+    return np.ascontiguousarray(np.swapaxes(a, 0, 1)).reshape((-1,) + a.shape[2:])
+
+
+def fc_rows(t: flow.Tensor) -> np.ndarray:
+    """An FC table's whole value as [classes, ...] numpy on every rank (collective)."""
+    return table_to_rows(to_numpy(t)) if is_fc_table(t) else to_numpy(t)
+
+
+def fc_rows_rank0(t: flow.Tensor) -> Optional[np.ndarray]:
+    """An FC table's whole value as [classes, ...] numpy on rank 0, None elsewhere (collective)."""
+    a = to_rank0_numpy(t)
+    return table_to_rows(a) if a is not None and is_fc_table(t) else a
+
+
+def table_rows(t: flow.Tensor) -> flow.Tensor:
+    """FC table rows [k, world, ...] split(1) -> [world*k, ...] split(0), rank-major: a local
+    transpose (each rank's [k, ...] rows stay where they are)."""
+    rows = flow.transpose(t, 0, 1)
+    return rows.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
 def barrier() -> None:
@@ -132,7 +193,8 @@ def to_rank0_numpy(t: flow.Tensor) -> Optional[np.ndarray]:
 def place_like(array: np.ndarray, ref: flow.Tensor) -> flow.Tensor:
     """numpy value -> tensor placed and split like `ref` (every rank passes the whole value).
 
-    Class-split tensors (split(0)) keep only this rank's rows, as `fc_weight` does. A broadcast
+    Class-split tensors (split(0), and FC tables from [classes, ...] rows) keep only this rank's
+    rows, as `fc_weight` does. A broadcast
     tensor gets this rank's own value, which may differ from rank 0's (see divergent_replicas)."""
     dtype = ref.dtype
     if not ref.is_global:
@@ -146,6 +208,8 @@ def place_like(array: np.ndarray, ref: flow.Tensor) -> flow.Tensor:
     n = array.shape[0] // len(ranks)
     r = ranks.index(rank())
     local = np.ascontiguousarray(array[r * n:(r + 1) * n])
+    if is_fc_table(ref):  # [classes, ...] rank-major rows -> this rank's rows of the table
+        return fc_place_rows(local, ref)
     return flow.tensor(local, dtype=dtype).to_global(placement=ref.placement, sbp=ref.sbp)
 
 
@@ -235,5 +299,7 @@ def all_ok(ok: bool) -> bool:
 def place_local_like(local: np.ndarray, ref: flow.Tensor) -> flow.Tensor:
     """This rank's own rows (numpy) -> tensor placed and split like the class-split `ref`: what
     a sharded checkpoint loads, without any rank holding the whole value."""
+    if is_fc_table(ref):
+        return fc_place_rows(local, ref)
     local = np.ascontiguousarray(local, dtype=flow.convert_oneflow_dtype_to_numpy_dtype(ref.dtype))
     return flow.from_numpy(local).to_global(placement=ref.placement, sbp=ref.sbp)  # no second host copy

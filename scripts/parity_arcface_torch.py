@@ -158,8 +158,8 @@ def replay(args):
     system = build(cfg, traj["num_classes"], total_steps=len(steps), warmup_steps=0)
     fc_init = np.load(folder / "fc_init.npy")
     weight = system.head.weight
-    if weight.shape[0] != fc_init.shape[0]:
-        raise ValueError(f"fc_init.npy: {fc_init.shape[0]} rows, the head has {weight.shape[0]}")
+    if parallel.fc_num_rows(weight) != fc_init.shape[0]:
+        raise ValueError(f"fc_init.npy: {fc_init.shape[0]} rows, the head has {parallel.fc_num_rows(weight)}")
     with flow.no_grad():
         parallel.load_into(weight, fc_init)
     probe = GradNormProbe(cfg, traj["num_classes"], system)
@@ -229,7 +229,7 @@ def compare_final(system, cfg, folder, traj, sens, dataset, check):
           f"largest per-tensor relative difference {worst[0]:.3g} ({worst[1]})")
 
     fc_ref = np.load(folder / "fc_final.npy").astype(np.float64)
-    fc = parallel.to_numpy(system.head.weight).astype(np.float64)[: fc_ref.shape[0]]
+    fc = parallel.fc_rows(system.head.weight).astype(np.float64)[: fc_ref.shape[0]]
     rel = float(np.linalg.norm(fc - fc_ref) / np.linalg.norm(fc_ref))
     check("fc_final (relative difference)", rel, SPREAD_FACTOR * sens["after"]["fc_final_rel_diff"])
 

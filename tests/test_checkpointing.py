@@ -37,7 +37,7 @@ TINY = {  # mask_ratio 0 and drop_path 0: no randomness in the step
 def snapshot(backbone, head):
     # copies: to_numpy may share memory with the tensor, which the training step updates in place
     state = {f"backbone.{k}": parallel.to_numpy(v).copy() for k, v in backbone.state_dict().items()}
-    state["head.weight"] = parallel.to_numpy(head.weight).copy()
+    state["head.weight"] = parallel.fc_rows(head.weight).copy()
     return state
 
 
@@ -46,6 +46,9 @@ def load(backbone, head, state):
     tensors = dict(backbone.state_dict(), **{"weight": head.weight})
     for k, v in tensors.items():
         key = "head.weight" if v is head.weight else f"backbone.{k}"
+        if v is head.weight:  # [classes, dim] rows -> the FC table
+            parallel.load_into(v, state[key])
+            continue
         v.copy_(flow.tensor(state[key], dtype=v.dtype).to_global(placement=v.placement, sbp=v.sbp))
 
 

@@ -41,7 +41,7 @@ class CombinedMargin(nn.Module):
 
     def forward(self, cosine, labels):
         """cosine [N, C] (may be split along C), labels [N] broadcast -> scaled logits."""
-        if (self.m1, self.m2, self.m3) == (1.0, 0.0, 0.0):
+        if self.identity:
             return cosine * self.scale
         onehot = label_columns(cosine, labels)
         t = row_sum(cosine * onehot)  # [N] each row's target cosine, on every rank
@@ -52,12 +52,31 @@ class CombinedMargin(nn.Module):
 
     def target_logit(self, t):
         """[N] target cosines -> cos(m1 * theta + m2) - m3, guarded past pi (before the scale)."""
-        theta = flow.acos(t.clamp(-COS_LIMIT, COS_LIMIT))
-        out = flow.cos(self.m1 * theta + self.m2) - self.m3
+        return self.target_and_slope(t)[0]
+
+    def target_and_slope(self, t):
+        """[N] target cosines -> (target logit before the scale, its derivative d/dt), no autograd.
+
+        The derivative is the one autograd gives `target_logit` (tests/test_margin_guard.py
+        checks it against autograd): m1 * sin(m1*theta + m2) / sin(theta) inside the clamp to
+        +-COS_LIMIT, 0 outside it, 1 on the guard's linear branch.
+        """
+        limit = constant_like(t, COS_LIMIT)
+        theta = flow.acos(flow.minimum(flow.maximum(t, -limit), limit))
+        angle = self.m1 * theta + self.m2
+        out = flow.cos(angle) - self.m3
+        inside = flow.logical_and(t >= -limit, t <= limit)
+        slope = flow.where(inside, self.m1 * flow.sin(angle) / flow.sin(theta), constant_like(t, 0.0))
         if self.guard_cos is not None:
             past_pi = t < constant_like(t, self.guard_cos)
             out = flow.where(past_pi, t - (self.m2 * math.sin(self.m2) + self.m3), out)
-        return out
+            slope = flow.where(past_pi, constant_like(t, 1.0), slope)
+        return out, slope
+
+    @property
+    def identity(self) -> bool:
+        """No margin at all (plain normalised softmax): logits are s * cos."""
+        return (self.m1, self.m2, self.m3) == (1.0, 0.0, 0.0)
 
     @property
     def max_logit(self):

@@ -1,37 +1,41 @@
 """The classification head: class-split FC, PartialFC sampling, combined margin, softmax CE.
 
-The FC weight [classes, dim] is one global tensor split along classes, so each rank stores and
-updates only its slice; embeddings are all-gathered, and the logits come out split along classes.
-Softmax cross-entropy over the class-split logits (`class_split_cross_entropy`, at the end) works
-on each rank's columns and all-reduces only [batch] vectors.
+The FC weight is one global tensor split along classes, so each rank stores and updates only its
+own classes; embeddings are all-gathered, and the logits come out split along classes. It is
+stored as a table [local, world, dim] split(1) (parallel.py): rank r's memory holds its classes
+r*local + j, j < local. Softmax cross-entropy (heads/softmax.py) works on each rank's columns and
+all-reduces only [batch] vectors.
 
-PartialFC (sample_rate r < 1): every rank keeps k = ceil(r * local_classes) of its centres per
-step: all positive classes of the global batch, filled with uniformly random negatives. It is
-built from ops with CPU and GPU kernels (OneFlow's `distributed_partial_fc_sample` has no CPU
-kernel): the class scores are viewed as [world, local_classes] split(0), so top-k and the gather
-of the kept centres run locally on each rank. Labels are remapped through a [classes] position
-map looked up with the labels (O(batch + classes), no [batch, sampled] comparison matrix).
+PartialFC (sample_rate r < 1): every rank keeps k = ceil(r * local) of its centres per step, at
+the same local positions J [k] on every rank: the positions of all positive classes of the global
+batch (a class c sits at position c % local on rank c // local), filled with uniformly random
+positions. Every positive is kept; every other kept centre is a uniformly random negative. J is
+computed identically on every rank from the all-gathered labels and a host noise vector, so the
+sampling itself moves no data. `index_select(weight, 0, J)` then reads [k, world, dim] split(1):
+each rank gathers only its own rows, and nothing of the weight crosses ranks (only the features
+[N, dim] are all-gathered, and [N] vectors all-reduced).
 
-Sparse updates (`sparse_update=True`, with sampling): the kept rows are read with one
-`index_select` of the weight variable by global class id. nn.Graph's indexed-slices pass
-(enabled by TrainGraph for `head.weight`) then turns that gather's gradient plus the SGD
-momentum / AdamW update into `indexed_slices_*_update`: only kept rows and their optimizer state
-change, and no full-size FC gradient is materialised. That pass refuses a weight decay on the
-variable, so for SGD the decay of kept rows comes from a penalty 0.5*wd*|rows|^2 added to the
-objective (its gradient is exactly wd*w on kept rows and nothing elsewhere); AdamW keeps its
-decoupled decay, which the sparse AdamW update applies to the kept rows. The gather of a split
-weight with broadcast ids yields partial sums, so the kept rows cost one reduce-scatter forward
-and one all-gather of their gradient backward (world*k*dim values each).
+Sparse updates (`sparse_update=True`, with sampling): that index_select reads the weight variable
+itself, so nn.Graph's indexed-slices pass (enabled by TrainGraph for `head.weight`) turns its
+gradient plus the SGD momentum / AdamW update into `indexed_slices_*_update`: only kept rows and
+their optimizer state change, and no full-size FC gradient is materialised. The pass refuses a
+weight decay on the variable, so for SGD the decay of kept rows comes from a penalty
+0.5*wd*|rows|^2 added to the objective (its gradient is exactly wd*w on kept rows and nothing
+elsewhere); AdamW keeps its decoupled decay, which the sparse AdamW update applies to kept rows.
+
+Lean: margin, softmax and cross-entropy run forward-only and yield the gradient with respect to
+the cosines (heads/softmax.py); autograd sees only the cosine matmul and the normalisations.
 
 The negatives' random scores come from the host (`step_noise`): a numpy generator seeded with
-(seed, step, rank) fills this rank's shard and is fed to the step as an input. Graph and eager
-mode therefore sample the same centres, and a resumed run samples what the uninterrupted one
-would have, with no in-graph random state to save. (Without it, `sample` draws `flow.rand`.)
+(seed, step) fills a [local] vector, the same on every rank, fed to the step as an input. Graph
+and eager mode therefore sample the same centres, and a resumed run samples what the
+uninterrupted one would have, with no in-graph random state to save. (Without it, `sample`
+draws `flow.rand`.)
 
-Classes are padded to a multiple of the world size. Padded centres get a -1e4 logit bias, so
-their softmax probability underflows to exactly 0: they never change the loss nor get a
-gradient. Sampling ranks them last, so they are kept only on a rank with fewer real classes
-than its budget, and then still carry the bias.
+Classes are padded to a multiple of the world size; the padding classes are the last positions
+of the last rank. Padded centres get a -1e4 logit bias, so their softmax probability underflows
+to exactly 0: they never change the loss nor get a gradient, even when their position is kept
+(as a real class's on the other ranks).
 """
 import math
 from typing import Any, Dict, NamedTuple, Optional, Sequence
@@ -42,15 +46,17 @@ import oneflow.nn as nn
 import oneflow.nn.functional as F
 
 from of_face import parallel
-from of_face.heads.margin import CombinedMargin, constant_like, label_columns, per_row, row_max, row_sum
+from of_face.heads.margin import CombinedMargin, constant_like, label_columns, per_row, row_sum
+from of_face.heads.softmax import attach_gradient, class_split_cross_entropy, softmax_cross_entropy
 
 PAD_LOGIT = -1e4
+__all__ = ["HeadOutput", "PartialFC", "class_split_cross_entropy"]
 
 
 class HeadOutput(NamedTuple):
     """What one head call hands the step: what to differentiate (the loss plus the kept rows'
-    decay penalty), the loss to report, and the kept centres ([world, k] local ids per rank;
-    None without sampling), which eager mode's sparse update needs."""
+    decay penalty), the loss to report, and the kept positions ([k] broadcast, the same local
+    positions on every rank; None without sampling), which eager mode's sparse update needs."""
     objective: Any
     loss: Any
     kept: Optional[Any] = None
@@ -78,6 +84,7 @@ class PartialFC(nn.Module):
                  group_options: Optional[Dict[str, Any]] = None):
         super().__init__()
         self.num_classes = num_classes
+        self.embedding_size = embedding_size
         self.world = parallel.world_size()
         self.padded_classes = parallel.padded_classes(num_classes)
         self.local_classes = self.padded_classes // self.world
@@ -93,9 +100,9 @@ class PartialFC(nn.Module):
             parallel.fc_weight_random(self.padded_classes, embedding_size, init_std, device)
         )
         self.margin = CombinedMargin(*margin, scale=scale)
-        pad = np.zeros(self.padded_classes, np.float32)
+        pad = np.zeros((self.padded_classes, 1), np.float32)
         pad[num_classes:] = PAD_LOGIT
-        self.pad_bias = parallel.fc_weight(pad, device) if self.padded_classes > num_classes else None
+        self.pad_bias = parallel.fc_weight(pad, device) if self.padded_classes > num_classes else None  # table
 
     @staticmethod
     def samples(num_classes: int, sample_rate: float, global_batch: int, world: Optional[int] = None) -> bool:
@@ -115,119 +122,103 @@ class PartialFC(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     def step_noise(self, step, micro_batches=1):
-        """Uniform scores for this rank's classes at optimizer step `step`: global [C'] split(0).
-
-        With gradient accumulation each micro-batch gets its own row: [micro_batches * C'] laid
-        out per rank, so the graph's accumulation (which cuts each rank's shard) hands one to each.
-        """
-        rng = np.random.default_rng([self.seed, step, parallel.rank()])
-        local = rng.random(micro_batches * self.local_classes, dtype=np.float32)
-        return parallel.fc_shard(local, self.device)
+        """Uniform scores of the local positions at optimizer step `step`: [local] broadcast,
+        the same on every rank. With gradient accumulation each micro-batch gets its own
+        [local] piece of a [micro_batches * local] vector (the graph cuts inputs per micro-batch)."""
+        rng = np.random.default_rng([self.seed, step])
+        return parallel.replicated(rng.random(micro_batches * self.local_classes, dtype=np.float32), self.device)
 
     def sample(self, labels, noise=None):
-        """labels [N] broadcast -> (kept index per rank [world, k] split(0), remapped labels [N] broadcast).
+        """labels [N] broadcast -> (kept positions J [k] broadcast, remapped labels [N] broadcast).
 
-        Kept index j on rank r is local class idx[r, j], i.e. global class r*local + idx[r, j];
-        the remapped label of a sample is its true centre's position among the world*k kept ones.
+        Position J[j] is kept on every rank: rank r keeps its class r*local + J[j] as logit column
+        r*k + j, which is where a label c = r*local + p lands (p's slot j among J). Everything is
+        computed identically on every rank (O(local + batch), local ops only).
         """
-        world, local, k = self.world, self.local_classes, self.num_sample
+        local, k = self.local_classes, self.num_sample
         place = self.weight.placement
-        positive = flow.zeros(self.padded_classes, placement=place, sbp=parallel.SBP_GATHERED)
-        positive = flow.scatter(positive, 0, labels, constant_like(labels, 1.0, flow.float32))
+        rank_of = flow.floor_divide(labels, local)  # int64 all through: no class id merges
+        position = labels - rank_of * local
+        positive = flow._C.global_constant([local], 0.0, dtype=flow.float32, placement=place, sbp=parallel.SBP_GATHERED)
+        positive = flow.scatter(positive, 0, position, constant_like(position, 1.0, flow.float32))
         if noise is None:
-            noise = flow.rand(self.padded_classes, placement=place, sbp=parallel.SBP_FC_WEIGHT)
-        score = noise + 2.0 * positive.to_global(sbp=parallel.SBP_FC_WEIGHT)  # positives first
-        if self.pad_bias is not None:
-            score = score + self.pad_bias  # padded classes rank last
-        _, index = flow.topk(score.view(world, local), k, dim=1)  # [world, k], local per rank
-        # position map: slot j for each kept local class, looked up by the labels
-        rank_of = flow.floor_divide(labels, local)
-        slots = flow.arange(k, placement=place, sbp=parallel.SBP_GATHERED).unsqueeze(0).expand(world, k)
-        slots = slots.to_global(sbp=parallel.SBP_FC_WEIGHT).to(flow.float32)
-        position = flow.zeros(world, local, placement=place, sbp=parallel.SBP_FC_WEIGHT)
-        position = flow.scatter(position, 1, index, slots).view(self.padded_classes)
-        slot = flow.index_select(position, 0, labels)  # other ranks contribute 0: a partial sum
-        slot = parallel.gather(slot).to(flow.int64)
-        return index, rank_of * k + slot
+            noise = flow.rand(local, placement=place, sbp=parallel.SBP_GATHERED)
+        _, kept = flow.topk(noise + 2.0 * positive, k)  # positives first (score >= 2 > noise)
+        slots = flow.arange(k, dtype=flow.int64, placement=place, sbp=parallel.SBP_GATHERED)
+        slot_of = flow._C.global_constant([local], 0, dtype=flow.int64, placement=place, sbp=parallel.SBP_GATHERED)
+        slot_of = flow.scatter(slot_of, 0, kept, slots)
+        return kept, rank_of * k + flow.index_select(slot_of, 0, position)
 
-    def sampled_weight(self, index):
-        """Rows of the weight kept on each rank: [world*k, dim] split(0), gathered locally."""
-        world, k = self.world, self.num_sample
-        dim = self.weight.shape[1]
-        w = self.weight.view(world, self.local_classes, dim)
-        rows = flow.gather(w, 1, index.unsqueeze(-1).expand(world, k, dim))
-        return rows.view(world * k, dim)
+    def kept_rows(self, kept=None):
+        """Rows of the kept centres (all without sampling): [world*k, dim] split(0), rank-major,
+        each rank's own rows gathered locally (`index_select` reads the variable itself)."""
+        table = self.weight if kept is None else flow.index_select(self.weight, 0, kept)
+        return parallel.table_rows(table)
 
-    def sparse_rows(self, index):
-        """The same rows as `sampled_weight`, read with index_select by global class id.
-
-        This form (a gather whose input is the variable itself) is what nn.Graph's indexed-slices
-        optimizer pass recognises; ids must be broadcast, so the output is a partial sum that a
-        reduce-scatter turns back into each rank's own rows.
-        """
-        world, local, k = self.world, self.local_classes, self.num_sample
-        offset = flow.arange(world, placement=self.weight.placement, sbp=parallel.SBP_GATHERED) * local
-        ids = index + offset.to_global(sbp=parallel.SBP_FC_WEIGHT).unsqueeze(1)  # [world, k] global ids
-        rows = flow.index_select(self.weight, 0, parallel.gather(ids.view(world * k)))
-        return rows.to_global(sbp=parallel.SBP_FC_WEIGHT)
-
-    def sampled_mask(self, index):
-        """[padded classes] split(0): 1 for the centres kept at `index`, else 0."""
-        mask = flow.zeros(self.world, self.local_classes, placement=self.weight.placement, sbp=parallel.SBP_FC_WEIGHT)
-        return flow.scatter(mask, 1, index, constant_like(index, 1.0, flow.float32)).view(self.padded_classes)
-
-    def sampled_pad_bias(self, index):
-        """The -1e4 bias of padded classes, for the kept ones (only when a rank has too few real ones)."""
+    def kept_pad_bias(self, kept=None):
+        """The -1e4 bias of padded classes among the kept columns, [world*k] split(0), or None."""
         if self.pad_bias is None:
             return None
-        return flow.gather(self.pad_bias.view(self.world, self.local_classes), 1, index).view(-1)
+        table = self.pad_bias if kept is None else flow.index_select(self.pad_bias, 0, kept)
+        return parallel.table_rows(table).view(-1)
+
+    def sampled_mask(self, kept):
+        """[local, 1, 1] broadcast bool, True at the kept positions: selects, in the weight table
+        [local, world, dim] (or its optimizer state), the rows a sparse update may change."""
+        mask = flow._C.global_constant([self.local_classes], 0.0, dtype=flow.float32,
+                                       placement=self.weight.placement, sbp=parallel.SBP_GATHERED)
+        mask = flow.scatter(mask, 0, kept, constant_like(kept, 1.0, flow.float32))
+        return mask.view(self.local_classes, 1, 1).to(flow.bool)
 
     # ------------------------------------------------------------------ forward
-    def logits(self, embeddings, labels, noise=None):
-        """embeddings [N, D] split(0) -> (logits [N, C'] split(1), labels [N] broadcast in C',
-        kept index [world, k] or None, the kept rows' decay penalty or None)."""
+    def cosines(self, embeddings, labels, noise=None):
+        """embeddings [N, D] split(0) -> (cosines [N, world*k] split(1), with autograd; labels [N]
+        broadcast as logit columns; kept positions [k] or None; the kept rows [world*k, D])."""
         embeddings = parallel.gather(embeddings, keep_grad_split=True)
         labels = parallel.gather(labels)
-        pad_bias, index, penalty = self.pad_bias, None, None
+        kept = None
         if self.sampling:
-            index, labels = self.sample(labels, noise)
-            weight = self.sparse_rows(index) if self.sparse_update else self.sampled_weight(index)
-            pad_bias = self.sampled_pad_bias(index)
-            if self.row_decay:
-                penalty = 0.5 * self.row_decay * (weight * weight).sum()
+            kept, labels = self.sample(labels, noise)
+        rows = self.kept_rows(kept)
+        cosine = flow.matmul(F.normalize(embeddings, dim=1), F.normalize(rows, dim=1), transpose_b=True)
+        return cosine.to(flow.float32), labels, kept, rows  # under AMP the matmul may run in FP16
+
+    def loss_and_grad(self, cosine, labels, kept=None):
+        """Forward-only: (mean CE loss, d loss / d cosine [N, C'] split(1)) of cosines [N, C']
+        (no autograd), labels as logit columns. The margin changes only the label column, so the
+        chain rule there is the margin's slope (`target_and_slope`) and s elsewhere."""
+        s = self.margin.scale
+        cosine = cosine.clamp(-1.0, 1.0)
+        onehot = label_columns(cosine, labels)
+        t = row_sum(cosine * onehot)  # [N] each row's target cosine, on every rank
+        if self.margin.identity:
+            target, slope, logits = t, None, cosine * s
         else:
-            weight = self.weight
-        cosine = flow.matmul(F.normalize(embeddings, dim=1), F.normalize(weight, dim=1), transpose_b=True)
-        cosine = cosine.to(flow.float32)  # under AMP the matmul may run in FP16; margin, logits, loss stay FP32
-        logits = self.margin(cosine.clamp(-1.0, 1.0), labels)
-        if pad_bias is not None:
-            logits = logits + pad_bias
-        return logits, labels, index, penalty
+            target, slope = self.margin.target_and_slope(t)
+            logits = (cosine + onehot * per_row(target - t, cosine)) * s
+        pad = self.kept_pad_bias(kept)
+        if pad is not None:  # (a label column is never a padded class: its bias there is 0)
+            logits = logits + flow.broadcast_like(pad.unsqueeze(0), logits, broadcast_axes=[0])
+        return softmax_cross_entropy(logits, onehot, target * s, label_slope=slope, grad_scale=s)
+
+    def logits(self, embeddings, labels, noise=None):
+        """embeddings [N, D] split(0) -> (logits [N, C'] split(1), labels [N] broadcast in C',
+        kept positions [k] or None): the head's logits, for inspection (no autograd)."""
+        cosine, labels, kept, _ = self.cosines(embeddings, labels, noise)
+        cosine = cosine.detach().clamp(-1.0, 1.0)
+        logits = self.margin(cosine, labels)
+        pad = self.kept_pad_bias(kept)
+        return (logits if pad is None else logits + pad), labels, kept
 
     def forward(self, embeddings, labels, noise=None):
         """Mean softmax cross-entropy over the global batch (a scalar global tensor)."""
         return self.objective(embeddings, labels, noise).loss
 
     def objective(self, embeddings, labels, noise=None) -> HeadOutput:
-        """The loss, what to differentiate (loss + the kept rows' decay penalty) and the kept index."""
-        logits, labels, index, penalty = self.logits(embeddings, labels, noise)
-        loss = class_split_cross_entropy(logits, labels)
-        return HeadOutput(loss if penalty is None else loss + penalty, loss, index)
-
-
-def class_split_cross_entropy(logits, labels):
-    """Mean softmax cross-entropy of logits [N, C] split along C, labels [N] broadcast.
-
-    Every op is local to the rank's columns except all-reduces of [N] vectors (OneFlow's
-    `sparse_softmax_cross_entropy` on split(1) logits spends most of a CPU step in its row-max
-    machinery: docs/BENCHMARKS.md, P2). Log-sum-exp is shifted by the exact row max (`row_max`:
-    each rank's max over its own columns, then a max over the [world, N] maxima), detached: every
-    exp(z - max) is in (0, 1] and the largest is 1, so the sum neither overflows (it is at most
-    C) nor underflows, at any class count and any scale whose logits fp32 can hold.
-    """
-    # 1.0 in each row's label column, on the rank that owns it
-    onehot = label_columns(logits, labels)
-    target = row_sum(logits * onehot)  # [N] each row's target logit, on every rank
-    shift = row_max(logits.detach())
-    lse = flow.log(row_sum(flow.exp(logits - per_row(shift, logits)))) + shift
-    return (lse - target).mean()
+        """The loss, what to differentiate (the loss, plus the kept rows' decay penalty, whose
+        gradient autograd takes through the cosine matmul) and the kept positions."""
+        cosine, labels, kept, rows = self.cosines(embeddings, labels, noise)
+        loss, grad = self.loss_and_grad(cosine.detach(), labels, kept)
+        loss = attach_gradient(loss, cosine, grad)  # the same value, differentiable
+        objective = loss + 0.5 * self.row_decay * (rows * rows).sum() if self.row_decay else loss
+        return HeadOutput(objective, loss, kept)

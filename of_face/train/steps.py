@@ -232,7 +232,7 @@ class EagerStep:
             (out.objective / self.accum_steps).backward()  # gradients add up to the mean over micro-batches
             loss = loss + out.loss.detach() / self.accum_steps
         if getattr(self.head, "sparse_update", False):  # (no accumulation with it: one kept index)
-            kept = self.head.sampled_mask(out.kept).unsqueeze(1).to(flow.bool)  # exactly 0/1
+            kept = self.head.sampled_mask(out.kept)  # [local, 1, 1]: rows of the weight table
             before = self._fc_state()
         clipped = clip_groups(self.optimizer)  # the graph clips inside its update: one norm, as here
         if clipped:

@@ -41,7 +41,7 @@ for _ in range(STEPS):
     # rank-major global batch; with k micro-batches rank r's shard is its k pieces back to back
     loss = step(parallel.batch(x[r * per_rank:(r + 1) * per_rank]), parallel.batch(y[r * per_rank:(r + 1) * per_rank]))
     losses.append(float(parallel.to_numpy(loss)))
-result = {"losses": losses, "fc": parallel.to_numpy(head.weight).tolist(),
+result = {"losses": losses, "fc": parallel.fc_rows(head.weight).tolist(),
           "linear": parallel.to_numpy(backbone.weight).tolist()}
 if r == 0:
     json.dump(result, open(out, "w"))

@@ -33,8 +33,8 @@ result = {
     "loss": float(parallel.to_numpy(loss)),
     "world": parallel.world_size(),
     "logits_sbp": str(head.logits(x, y)[0].sbp),
-    "weight_grad": parallel.to_numpy(head.weight.grad)[:classes].tolist(),
-    "pad_grad_max": float(np.abs(parallel.to_numpy(head.weight.grad)[classes:]).max(initial=0.0)),
+    "weight_grad": parallel.fc_rows(head.weight.grad)[:classes].tolist(),
+    "pad_grad_max": float(np.abs(parallel.fc_rows(head.weight.grad)[classes:]).max(initial=0.0)),
 }
 if r == 0:
     json.dump(result, open(out, "w"))

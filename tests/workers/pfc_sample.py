@@ -55,13 +55,13 @@ head.sample = recording_sample
 weight = np.random.default_rng(1).standard_normal((head.padded_classes, DIM)).astype(np.float32)
 head.weight = flow.nn.Parameter(parallel.fc_weight(weight))
 emb = np.random.default_rng(2).standard_normal((4, DIM)).astype(np.float32)
-labels = np.array([3, 15, 20, 3], np.int64)
+labels = np.array([3, 15, 20, 10], np.int64)  # 10: position 10 kept, so padded class 21 too
 r = parallel.rank()
 loss = head(parallel.batch(emb[r * 2:(r + 1) * 2]), parallel.batch(labels[r * 2:(r + 1) * 2]))
 loss.backward()
 result = {"k": head.num_sample, "local": head.local_classes, "steps": steps,
           "loss": float(parallel.to_numpy(loss)), "weight": weight.tolist(), "emb": emb.tolist(),
           "labels": labels.tolist(), "index": recorded["index"].tolist(), "remapped": recorded["remapped"].tolist(),
-          "grad": parallel.to_numpy(head.weight.grad).tolist()}
+          "grad": parallel.fc_rows(head.weight.grad).tolist()}
 if r == 0:
     json.dump(result, open(out, "w"))

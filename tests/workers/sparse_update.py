@@ -41,7 +41,7 @@ for _ in range(STEPS):
     record["loss"].append(float(parallel.to_numpy(loss)))
     record["x"].append(x.tolist())
     record["y"].append(y.tolist())
-    record["weights"].append(parallel.to_numpy(head.weight).tolist())
+    record["weights"].append(parallel.fc_rows(head.weight).tolist())
 if mode == "graph":
     record["ops"] = sorted({op.user_conf.op_type_name for op in step.graph._full_job_proto.net.op
                             if op.HasField("user_conf")})

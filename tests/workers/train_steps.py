@@ -37,7 +37,7 @@ for _ in range(steps):
     y = rng.integers(0, CLASSES, GLOBAL_BATCH)
     loss = step(parallel.batch(x[r * per_rank:(r + 1) * per_rank]), parallel.batch(y[r * per_rank:(r + 1) * per_rank]))
     losses.append(float(parallel.to_numpy(loss)))
-fc = parallel.to_numpy(head.weight)
+fc = parallel.fc_rows(head.weight)
 bb = sum(float(np.abs(parallel.to_numpy(p)).sum()) for p in backbone.parameters())
 if r == 0:
     json.dump({"losses": losses, "fc_sum": float(np.abs(fc).sum()), "backbone_sum": bb}, open(out, "w"))
