@@ -234,11 +234,6 @@ class Config:
             getattr(self, f.name).check()
         if self.Global.mode == "eager" and self.AMP.enable:
             raise ConfigError("AMP.enable: AMP runs in graph mode only; set Global.mode=graph or AMP.enable=false")
-        if self.AMP.enable and self.Optimizer.sparse_fc_update and self.Loss.sample_rate < 1.0:
-            raise ConfigError(
-                "Optimizer.sparse_fc_update: OneFlow 0.9's sparse update kernels take no loss-scale input, so they "
-                "cannot run under AMP's dynamic grad scaler; set Optimizer.sparse_fc_update=false (dense FC "
-                "updates) or AMP.enable=false")
         if self.Optimizer.accum_steps > 1 and self.Optimizer.sparse_fc_update and self.Loss.sample_rate < 1.0:
             raise ConfigError(
                 "Optimizer.accum_steps: sparse FC updates apply one step's sampled rows; with gradient "

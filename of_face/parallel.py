@@ -157,6 +157,12 @@ def fc_rows_rank0(t: flow.Tensor) -> Optional[np.ndarray]:
     return table_to_rows(a) if a is not None and is_fc_table(t) else a
 
 
+def rows_table(rows: flow.Tensor, world: int) -> flow.Tensor:
+    """Inverse of `table_rows`: [world*k, ...] split(0) -> FC table rows [k, world, ...] split(1)."""
+    k = rows.shape[0] // world
+    return flow.transpose(rows.reshape(world, k, *rows.shape[1:]), 0, 1)
+
+
 def table_rows(t: flow.Tensor) -> flow.Tensor:
     """FC table rows [k, world, ...] split(1) -> [world*k, ...] split(0), rank-major: a local
     transpose (each rank's [k, ...] rows stay where they are)."""

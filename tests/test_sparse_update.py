@@ -79,7 +79,7 @@ def test_only_kept_rows_and_their_state_change(tmp_path, mode, optimizer):
     assert (k1 - k2) & k3
     if mode == "graph":  # the update compiled to the sparse kernel; no dense FC gradient is summed
         update = "indexed_slices_momentum_update" if optimizer == "sgd" else "indexed_slices_adam_update"
-        assert update in run["ops"] and "unsorted_segment_sum_like" not in run["ops"]
+        assert update in run["ops"][0] and "unsorted_segment_sum_like" not in run["ops"][0]
 
 
 @pytest.mark.parametrize("mode", ["graph", "eager"])
@@ -96,15 +96,27 @@ def test_dense_update_moves_every_row(tmp_path):
     run = run_worker("sparse_update", tmp_path / "dense.json", extra=["graph", "sgd", 0])
     W = np.array(run["weights"])
     assert np.all(np.any(W[2][:61] != W[1][:61], axis=1))
-    assert "momentum_update" in run["ops"] and "indexed_slices_momentum_update" not in run["ops"]
+    assert "momentum_update" in run["ops"][0] and "indexed_slices_momentum_update" not in run["ops"][0]
 
 
-def test_sparse_update_refuses_amp():
-    """OneFlow 0.9's sparse kernels have no loss-scale input: AMP + sparse is a config error, not a silent dense run."""
-    from of_face.config import ConfigError, load_config
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_amp_keeps_the_update_sparse(tmp_path, optimizer):
+    """AMP + sparse (train/amp_sparse.py): the FC update runs in its own FP32 job, compiled to the
+    sparse kernel; only kept rows and their state change, and the numpy replay holds (SGD
+    momentum, PLSC's AdamW bias correction) as without AMP."""
+    run = run_worker("sparse_update", tmp_path / "run.json", extra=["graph", optimizer, 1, 1])
+    W = replay(run, optimizer)
+    k1, k2, k3 = (set(np.flatnonzero(np.any(W[t] != W[t - 1], 1))) for t in (1, 2, 3))
+    assert (k1 - k2) & k3
+    update = "indexed_slices_momentum_update" if optimizer == "sgd" else "indexed_slices_adam_update"
+    train_job, fc_job = run["ops"]
+    updates = {"sgd_update", "momentum_update", "adam_update", update}
+    assert update in fc_job and not updates & set(train_job)  # (the identity backbone: nothing else to train)
 
-    with pytest.raises(ConfigError, match="Optimizer.sparse_fc_update"):
-        load_config("configs/default.yaml", ["Loss.sample_rate=0.1", "AMP.enable=true"])
-    cfg = load_config("configs/default.yaml",
-                      ["Loss.sample_rate=0.1", "AMP.enable=true", "Optimizer.sparse_fc_update=false"])
-    assert cfg.AMP.enable and not cfg.Optimizer.sparse_fc_update
+
+def test_amp_with_sparse_updates_is_accepted():
+    """The zoo's FP16 configs run SparseMomentum (PLSC: fp16 O1 + sparse_update)."""
+    from of_face.config import load_config
+
+    cfg = load_config("configs/default.yaml", ["Loss.sample_rate=0.1", "AMP.enable=true"])
+    assert cfg.AMP.enable and cfg.Optimizer.sparse_fc_update

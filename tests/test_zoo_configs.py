@@ -89,14 +89,9 @@ def test_zoo_config_equals_plsc(name):
     assert D.flip and D.val_targets == ["agedb_30"] and Opt.accum_steps == 1
     # the same global batch as PLSC's 8-GPU run
     assert BatchPlan.from_config(cfg, world=GPUS).step_global == plsc["batch"] * GPUS
-    # the one setting that cannot match yet: OneFlow 0.9's sparse kernels take no loss scale, so
-    # with FP16 the sampled FC is updated densely (config.check refuses AMP + sparse; issue 12)
+    # SparseMomentum as PLSC's, FP16 included (train/amp_sparse.py)
     sparse = Opt.sparse_fc_update and L.sample_rate < 1.0
-    want_sparse = plsc["sparse_update"] and plsc["sample_ratio"] < 1.0
-    if want_sparse and not sparse:
-        assert A.enable and "sparse update kernels take no loss-scale input" in text
-    else:
-        assert sparse == want_sparse
+    assert sparse == (plsc["sparse_update"] and plsc["sample_ratio"] < 1.0)
 
 
 @pytest.mark.parametrize("name", sorted(PLSC))

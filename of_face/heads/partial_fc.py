@@ -53,6 +53,16 @@ PAD_LOGIT = -1e4
 __all__ = ["HeadOutput", "PartialFC", "class_split_cross_entropy"]
 
 
+class Cosines(NamedTuple):
+    """The head's cosines [N, C'] split(1) and what produced them (see `PartialFC.cosines`)."""
+    cosine: Any
+    labels: Any
+    kept: Optional[Any]
+    rows: Any
+    xn: Any
+    wn: Any
+
+
 class HeadOutput(NamedTuple):
     """What one head call hands the step: what to differentiate (the loss plus the kept rows'
     decay penalty), the loss to report, and the kept positions ([k] broadcast, the same local
@@ -171,17 +181,20 @@ class PartialFC(nn.Module):
         return mask.view(self.local_classes, 1, 1).to(flow.bool)
 
     # ------------------------------------------------------------------ forward
-    def cosines(self, embeddings, labels, noise=None):
+    def cosines(self, embeddings, labels, noise=None, detach_rows=False):
         """embeddings [N, D] split(0) -> (cosines [N, world*k] split(1), with autograd; labels [N]
-        broadcast as logit columns; kept positions [k] or None; the kept rows [world*k, D])."""
+        broadcast as logit columns; kept positions [k] or None; the kept rows [world*k, D]; the
+        normalised embeddings and rows). `detach_rows`: no gradient reaches the FC weight."""
         embeddings = parallel.gather(embeddings, keep_grad_split=True)
         labels = parallel.gather(labels)
         kept = None
         if self.sampling:
             kept, labels = self.sample(labels, noise)
         rows = self.kept_rows(kept)
-        cosine = flow.matmul(F.normalize(embeddings, dim=1), F.normalize(rows, dim=1), transpose_b=True)
-        return cosine.to(flow.float32), labels, kept, rows  # under AMP the matmul may run in FP16
+        rows = rows.detach() if detach_rows else rows
+        xn, wn = F.normalize(embeddings, dim=1), F.normalize(rows, dim=1)
+        cosine = flow.matmul(xn, wn, transpose_b=True)
+        return Cosines(cosine.to(flow.float32), labels, kept, rows, xn, wn)  # under AMP the matmul may run in FP16
 
     def loss_and_grad(self, cosine, labels, kept=None):
         """Forward-only: (mean CE loss, d loss / d cosine [N, C'] split(1)) of cosines [N, C']
@@ -204,7 +217,7 @@ class PartialFC(nn.Module):
     def logits(self, embeddings, labels, noise=None):
         """embeddings [N, D] split(0) -> (logits [N, C'] split(1), labels [N] broadcast in C',
         kept positions [k] or None): the head's logits, for inspection (no autograd)."""
-        cosine, labels, kept, _ = self.cosines(embeddings, labels, noise)
+        cosine, labels, kept = self.cosines(embeddings, labels, noise)[:3]
         cosine = cosine.detach().clamp(-1.0, 1.0)
         logits = self.margin(cosine, labels)
         pad = self.kept_pad_bias(kept)
@@ -217,8 +230,28 @@ class PartialFC(nn.Module):
     def objective(self, embeddings, labels, noise=None) -> HeadOutput:
         """The loss, what to differentiate (the loss, plus the kept rows' decay penalty, whose
         gradient autograd takes through the cosine matmul) and the kept positions."""
-        cosine, labels, kept, rows = self.cosines(embeddings, labels, noise)
-        loss, grad = self.loss_and_grad(cosine.detach(), labels, kept)
-        loss = attach_gradient(loss, cosine, grad)  # the same value, differentiable
-        objective = loss + 0.5 * self.row_decay * (rows * rows).sum() if self.row_decay else loss
-        return HeadOutput(objective, loss, kept)
+        c = self.cosines(embeddings, labels, noise)
+        loss, grad = self.loss_and_grad(c.cosine.detach(), c.labels, c.kept)
+        loss = attach_gradient(loss, c.cosine, grad)  # the same value, differentiable
+        objective = loss + 0.5 * self.row_decay * (c.rows * c.rows).sum() if self.row_decay else loss
+        return HeadOutput(objective, loss, c.kept)
+
+    def objective_and_row_grad(self, embeddings, labels, noise=None):
+        """(HeadOutput whose objective reaches only the backbone, the kept rows' gradient as a
+        table [k, world, D] split(1)): for AMP + sparse updates (train/amp_sparse.py), where the
+        FC update runs outside the loss-scaled graph. The rows' gradient is computed in the
+        forward, unscaled: d loss / d wn = grad^T xn through the normalisation (the same maths
+        autograd runs in `objective`). Under AMP that matmul runs in FP16, so grad is first
+        brought to a maximum of 2^6 by a power of two (exact; its small entries stay clear of
+        FP16's subnormals as a loss-scaled backward's would) and the product scaled back in FP32."""
+        c = self.cosines(embeddings, labels, noise, detach_rows=True)
+        loss, grad = self.loss_and_grad(c.cosine.detach(), c.labels, c.kept)
+        loss = attach_gradient(loss, c.cosine, grad)
+        peak = parallel.gather(flow.abs(grad).max()).clamp(min=1e-30)  # (max over every rank's columns)
+        scale = flow.pow(constant_like(peak, 2.0), 6.0 - flow.floor(flow.log2(peak)))
+        g_wn = flow.matmul(grad * scale, c.xn.detach(), transpose_a=True).to(flow.float32) / scale
+        wn, norm = c.wn.detach(), flow.sqrt((c.rows * c.rows).sum(dim=1)).clamp(min=1e-12)
+        g_rows = (g_wn - wn * per_row((wn * g_wn).sum(dim=1), wn)) / per_row(norm, wn)
+        if self.row_decay:
+            g_rows = g_rows + self.row_decay * c.rows
+        return HeadOutput(loss, loss, c.kept), parallel.rows_table(g_rows, self.world)

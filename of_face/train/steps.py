@@ -93,7 +93,8 @@ class TrainGraph(nn.Graph):
             for part in name.split("."):
                 proxy = getattr(proxy, part)
             proxy.to(GraphModule).activation_checkpointing = True
-        self.add_optimizer(optimizer, lr_sch=scheduler)
+        if optimizer is not None:  # (None: nothing of the backbone to train, see train/amp_sparse.py)
+            self.add_optimizer(optimizer, lr_sch=scheduler)
         sparse_variables = getattr(head, "sparse_variables", ())
         if sparse_variables:
             # gather(head.weight) + its optimizer -> indexed_slices_{momentum,adam}_update:
@@ -108,6 +109,7 @@ class TrainGraph(nn.Graph):
             self.config.set_gradient_accumulation_steps(accum_steps)
         if amp is not None and amp.enable:
             self.config.enable_amp(True)
+        if amp is not None and amp.enable and optimizer is not None:
             self.set_grad_scaler(flow.amp.GradScaler(init_scale=amp.init_scale, growth_interval=2000))
 
     def build(self, images, labels, noise=None):

@@ -17,6 +17,7 @@ from of_face.heads import PartialFC, build_head
 from of_face.models import build_backbone
 from of_face.models.weights import load_backbone
 from of_face.train.optim import build_optimizer, build_scheduler
+from of_face.train.amp_sparse import AmpSparseStep
 from of_face.train.steps import STEPPERS, Stepper
 
 
@@ -115,7 +116,10 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
     head = build_head(cfg, num_classes, plan.micro_global)  # sampled per micro-batch
     optimizer = build_optimizer(cfg.Optimizer, backbone, head)
     scheduler = build_scheduler(optimizer, total, warmup, cfg.LRScheduler.power)
-    step = STEPPERS[cfg.Global.mode](backbone, head, optimizer, scheduler, cfg.AMP,
+    stepper = STEPPERS[cfg.Global.mode]
+    if cfg.Global.mode == "graph" and cfg.AMP.enable and head.sparse_update:
+        stepper = AmpSparseStep  # the FC's sparse update outside the loss-scaled graph
+    step = stepper(backbone, head, optimizer, scheduler, cfg.AMP,
                                      checkpointing=cfg.Model.activation_checkpointing,
                                      accum_steps=plan.accum_steps)
     return TrainingSystem(backbone, head, optimizer, scheduler, step, plan, total, warmup)

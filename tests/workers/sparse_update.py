@@ -43,7 +43,8 @@ for _ in range(STEPS):
     record["y"].append(y.tolist())
     record["weights"].append(parallel.fc_rows(head.weight).tolist())
 if mode == "graph":
-    record["ops"] = sorted({op.user_conf.op_type_name for op in step.graph._full_job_proto.net.op
-                            if op.HasField("user_conf")})
+    jobs = [step.graph] + ([step.fc_graph] if hasattr(step, "fc_graph") else [])  # (AMP + sparse: 2 jobs)
+    record["ops"] = [sorted({op.user_conf.op_type_name for op in job._full_job_proto.net.op
+                             if op.HasField("user_conf")}) for job in jobs]
 if r == 0:
     json.dump(record, open(out, "w"))

@@ -1,0 +1,169 @@
+"""AMP together with SparseMomentum, in graph mode: the FC update leaves the loss-scaled graph.
+
+OneFlow 0.9's indexed-slices rewrite refuses an update that carries AMP's dynamic loss scale
+(`scale_by_tensor`, `skip_if`): under `set_grad_scaler` the FC would be updated densely, every
+row and its momentum moving each step. So the step is two compiled jobs on the same variables:
+
+1. `AmpTrainGraph` (FP16 O1, dynamic loss scale): backbone -> head -> loss; backward reaches
+   only the backbone (the head reads its kept rows detached), whose optimizer unscales, skips
+   non-finite steps on every rank and adjusts the scale, as in plain AMP. The head also returns,
+   computed in the forward and unscaled, the kept rows' gradient (`objective_and_row_grad`).
+2. `FCUpdateGraph` (FP32, no scaler): `index_select(weight, 0, kept)` times that gradient,
+   backward, and the FC's own optimizer, which compiles to `indexed_slices_*_update`: only the
+   kept rows and their optimizer state change.
+
+The host runs job 2 only when job 1 kept its step: the loss is finite and the loss scale did not
+drop (the scaler halves it exactly when it skips; rank 0 holds it, and one all-gather gives every
+rank the same answer). Job 2's step counter is set to the global step before each call, so the
+FC's learning rate follows the same schedule as the backbone's although skipped steps never
+reach job 2. Sparse AdamW's bias correction counts the FC updates actually made (PLSC's
+GradScaler skips optimizer.step, so its state['step'] stays on a skipped step).
+"""
+import copy
+
+import numpy as np
+import oneflow as flow
+import oneflow.nn as nn
+
+from of_face import parallel
+from of_face.train.optim import (_one_clip_conf_in_graph, bias_correct_kept_rows, scheduled_lr,
+                                 sparse_bias_correction_group)
+from of_face.train.steps import EAGER_SLOTS, GRAPH_SLOTS, TRAIN_STEP_VAR, GraphStep, StepperState, TrainGraph
+
+
+class AmpTrainGraph(TrainGraph):
+    """Job 1: the backbone's AMP step; returns (loss, kept positions, kept rows' gradient table)."""
+
+    def build(self, images, labels, noise):
+        out, row_grad = self.head.objective_and_row_grad(self.backbone(images), labels, noise)
+        if self._opts:  # (no backbone parameters: forward only)
+            out.objective.backward()
+        return out.loss, out.kept, row_grad
+
+
+class FCUpdateGraph(nn.Graph):
+    """Job 2: the FC's sparse update from the kept rows' (unscaled) gradient."""
+
+    def __init__(self, head, optimizer, scheduler):
+        super().__init__()
+        self.head = head
+        self.add_optimizer(optimizer, lr_sch=scheduler)
+        sparse = self.config.proto.indexed_slices_optimizer_conf
+        sparse.enable = True
+        sparse.include_op_names.op_name.append("head.weight")
+
+    def build(self, row_grad, kept):
+        rows = flow.index_select(self.head.weight, 0, kept)  # [k, world, dim]: each rank its own rows
+        link = (rows * row_grad).sum()  # d link / d rows = row_grad
+        link.backward()
+        return link
+
+
+def split_optimizer(optimizer, scheduler, head):
+    """((backbone optimizer, its scheduler), (FC optimizer, its scheduler)): the run's groups,
+    options and LR schedule, as two optimizers nn.Graph can hold apart (OneFlow ties a scheduler
+    to one optimizer, and one optimizer to the graph that holds its variables)."""
+    fc = {id(p) for p in head.parameters()}
+    parts = ([], [])
+    for g in optimizer.param_groups:
+        parts[any(id(p) in fc for p in g.parameters)].append(dict(g._options, params=list(g.parameters)))
+    pairs = []
+    for groups in parts:
+        if not groups:  # (an FC-only system: the identity backbone of the benches and tests)
+            pairs.append((None, None))
+            continue
+        opt = type(optimizer)(groups)
+        _one_clip_conf_in_graph(opt)
+        pairs.append((opt, scheduler_like(scheduler, opt)))
+    return pairs
+
+
+def scheduler_like(scheduler, optimizer):
+    """A copy of `scheduler` (and of the schedulers it chains) driving `optimizer`."""
+    clone = copy.copy(scheduler)
+    clone.optimizer = optimizer
+    if getattr(clone, "schedulers", None):
+        clone.schedulers = [scheduler_like(s, optimizer) for s in clone.schedulers]
+    return clone
+
+
+class AmpSparseStep(GraphStep):
+    """GraphStep for AMP + sparse FC updates (see the module docstring)."""
+
+    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
+        (opt1, sch1), (opt2, sch2) = split_optimizer(optimizer, scheduler, head)
+        self.bias_corrected = sparse_bias_correction_group(opt2)
+        self.graph = AmpTrainGraph(backbone, head, opt1, sch1, amp, checkpointing, accum_steps)
+        self.fc_graph = FCUpdateGraph(head, opt2, sch2)
+        self.backbone, self.head, self.placement = backbone, head, head.weight.placement
+        self.scheduler = scheduler
+        self.accum_steps = accum_steps
+        self.steps_done = 0
+        self.fc_updates = 0  # FC steps taken (skipped steps excluded): sparse AdamW's t
+        self._scale = float(amp.init_scale)
+
+    def __call__(self, images, labels):
+        noise = self.head.step_noise(self.steps_done, self.accum_steps)
+        loss, kept, row_grad = self.graph(images, labels, noise)
+        step = self.steps_done
+        self.steps_done += 1
+        scale = self.loss_scale()
+        dropped = scale is not None and scale < self._scale
+        self._scale = scale if scale is not None else self._scale
+        finite = bool(np.isfinite(parallel.to_numpy(loss)).all())
+        if not parallel.all_ok(finite and not dropped):
+            return loss  # job 1 skipped its update on every rank: so does the FC
+        self._set_fc_step(step)
+        self.fc_graph(row_grad, kept)
+        self.fc_updates += 1
+        if self.bias_corrected is not None:
+            g, slots = self.bias_corrected, self._fc_moments()
+            flow._oneflow_internal.eager.Sync()
+            bias_correct_kept_rows(self.head.weight, slots["m"], slots["v"], kept,
+                                   scheduled_lr(self.scheduler, g["initial_lr"], step),
+                                   self.fc_updates, g["betas"], g["eps"])
+            flow._oneflow_internal.eager.Sync()
+        return loss
+
+    def _fc_variables(self):
+        return self.fc_graph.state_dict() if self.fc_graph._is_compiled else {}
+
+    def _set_fc_step(self, step):
+        """Job 2's step counter := the global step, so its compiled LR schedule gives this step's LR."""
+        if not self.fc_graph._is_compiled:  # handed over at compilation, like a resumed variable
+            value = parallel.broadcast_array(np.array([step], np.int64), self.placement)
+            self.fc_graph.load_state_dict({TRAIN_STEP_VAR: value}, strict=False)
+            return
+        flow._oneflow_internal.eager.Sync()  # (local writes are not ordered against the jobs)
+        for name, t in self.fc_graph.state_dict().items():
+            if name == TRAIN_STEP_VAR:
+                t.to_local().fill_(step)
+        flow._oneflow_internal.eager.Sync()
+
+    def _fc_moments(self):
+        if getattr(self, "_moments", None) is None:
+            self._moments = {n.rpartition("-")[2]: t for n, t in self.fc_graph.state_dict().items()
+                             if n.startswith("head.weight-")}
+        return self._moments
+
+    def state_dict(self) -> StepperState:
+        state = super().state_dict()
+        for name, t in self._fc_variables().items():
+            param, _, suffix = name.rpartition("-")
+            if param == "head.weight" and suffix in GRAPH_SLOTS:
+                state.slots[(param, GRAPH_SLOTS[suffix])] = t
+        state.variables["fc_updates"] = np.array([self.fc_updates], np.int64)
+        return state
+
+    def load_state_dict(self, state: StepperState) -> None:
+        fc_slots = {k: v for k, v in state.slots.items() if k[0] == "head.weight"}
+        rest = StepperState({k: v for k, v in state.slots.items() if k[0] != "head.weight"},
+                            {k: v for k, v in state.variables.items() if k != "fc_updates"},
+                            state.step, state.scheduler)
+        super().load_state_dict(rest)
+        if "fc_updates" in state.variables:
+            self.fc_updates = int(np.asarray(state.variables["fc_updates"]).reshape(-1)[0])
+        if fc_slots:
+            self.fc_graph.load_state_dict({f"{p}-{EAGER_SLOTS[s]}": t for (p, s), t in fc_slots.items()}, strict=False)
+
+
