@@ -54,12 +54,13 @@ __all__ = ["HeadOutput", "PartialFC", "class_split_cross_entropy"]
 
 
 class Cosines(NamedTuple):
-    """The head's cosines [N, C'] split(1) and what produced them (see `PartialFC.cosines`)."""
+    """s * the head's cosines [N, C'] split(1) and what produced them (see `PartialFC.cosines`)."""
     cosine: Any
     labels: Any
     kept: Optional[Any]
+    table: Any
     rows: Any
-    xn: Any
+    xs: Any
     wn: Any
 
 
@@ -182,46 +183,48 @@ class PartialFC(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def cosines(self, embeddings, labels, noise=None, detach_rows=False):
-        """embeddings [N, D] split(0) -> (cosines [N, world*k] split(1), with autograd; labels [N]
-        broadcast as logit columns; kept positions [k] or None; the kept rows [world*k, D]; the
-        normalised embeddings and rows). `detach_rows`: no gradient reaches the FC weight."""
+        """embeddings [N, D] split(0) -> `Cosines`: s * cosines [N, world*k] split(1) (with
+        autograd; the scale rides on the [N, D] side of the matmul, cheaper than on [N, C']),
+        labels [N] broadcast as logit columns, kept positions [k] or None, the kept rows as a
+        table [k, world, D] and as [world*k, D], and the scaled embeddings and normalised rows.
+        `detach_rows`: no gradient reaches the FC weight."""
         embeddings = parallel.gather(embeddings, keep_grad_split=True)
         labels = parallel.gather(labels)
         kept = None
         if self.sampling:
             kept, labels = self.sample(labels, noise)
-        rows = self.kept_rows(kept)
-        rows = rows.detach() if detach_rows else rows
-        xn, wn = F.normalize(embeddings, dim=1), F.normalize(rows, dim=1)
-        cosine = flow.matmul(xn, wn, transpose_b=True)
-        return Cosines(cosine.to(flow.float32), labels, kept, rows, xn, wn)  # under AMP the matmul may run in FP16
+        table = self.weight if kept is None else flow.index_select(self.weight, 0, kept)
+        table = table.detach() if detach_rows else table
+        rows = parallel.table_rows(table)
+        xs, wn = F.normalize(embeddings, dim=1) * self.margin.scale, F.normalize(rows, dim=1)
+        cosine = flow.matmul(xs, wn, transpose_b=True)  # under AMP the matmul may run in FP16
+        return Cosines(cosine.to(flow.float32), labels, kept, table, rows, xs, wn)
 
-    def loss_and_grad(self, cosine, labels, kept=None):
-        """Forward-only: (mean CE loss, d loss / d cosine [N, C'] split(1)) of cosines [N, C']
-        (no autograd), labels as logit columns. The margin changes only the label column, so the
-        chain rule there is the margin's slope (`target_and_slope`) and s elsewhere."""
+    def loss_and_grad(self, scaled, labels, kept=None):
+        """Forward-only: (mean CE loss, d loss / d scaled) of s * cosines [N, C'] split(1) (no
+        autograd), labels as logit columns. The margin changes only the label column, so the
+        chain rule there is the margin's slope (`target_and_slope`) and 1 elsewhere."""
         s = self.margin.scale
-        cosine = cosine.clamp(-1.0, 1.0)
-        onehot = label_columns(cosine, labels)
-        t = row_sum(cosine * onehot)  # [N] each row's target cosine, on every rank
+        onehot = label_columns(scaled, labels)
+        t = row_sum(scaled * onehot)  # [N] each row's s * target cosine, on every rank
         if self.margin.identity:
-            target, slope, logits = t, None, cosine * s
+            target, slope, logits = t, None, scaled
         else:
-            target, slope = self.margin.target_and_slope(t)
-            logits = (cosine + onehot * per_row(target - t, cosine)) * s
+            target, slope = self.margin.target_and_slope(t / s)  # (the margin's acos clamps to +-1)
+            target = target * s
+            logits = scaled + onehot * per_row(target - t, scaled)
         pad = self.kept_pad_bias(kept)
         if pad is not None:  # (a label column is never a padded class: its bias there is 0)
             logits = logits + flow.broadcast_like(pad.unsqueeze(0), logits, broadcast_axes=[0])
-        return softmax_cross_entropy(logits, onehot, target * s, label_slope=slope, grad_scale=s)
+        return softmax_cross_entropy(logits, onehot, target, label_slope=slope)
 
     def logits(self, embeddings, labels, noise=None):
         """embeddings [N, D] split(0) -> (logits [N, C'] split(1), labels [N] broadcast in C',
         kept positions [k] or None): the head's logits, for inspection (no autograd)."""
-        cosine, labels, kept = self.cosines(embeddings, labels, noise)[:3]
-        cosine = cosine.detach().clamp(-1.0, 1.0)
-        logits = self.margin(cosine, labels)
-        pad = self.kept_pad_bias(kept)
-        return (logits if pad is None else logits + pad), labels, kept
+        c = self.cosines(embeddings, labels, noise)
+        logits = self.margin((c.cosine.detach() / self.margin.scale).clamp(-1.0, 1.0), c.labels)
+        pad = self.kept_pad_bias(c.kept)
+        return (logits if pad is None else logits + pad), c.labels, c.kept
 
     def forward(self, embeddings, labels, noise=None):
         """Mean softmax cross-entropy over the global batch (a scalar global tensor)."""
@@ -233,7 +236,9 @@ class PartialFC(nn.Module):
         c = self.cosines(embeddings, labels, noise)
         loss, grad = self.loss_and_grad(c.cosine.detach(), c.labels, c.kept)
         loss = attach_gradient(loss, c.cosine, grad)  # the same value, differentiable
-        objective = loss + 0.5 * self.row_decay * (c.rows * c.rows).sum() if self.row_decay else loss
+        objective = loss
+        if self.row_decay:  # d/d table = row_decay * table: SGD's decay of the kept rows only
+            objective = objective + self.row_decay * (c.table * c.table.detach()).sum()
         return HeadOutput(objective, loss, c.kept)
 
     def objective_and_row_grad(self, embeddings, labels, noise=None):
@@ -249,7 +254,7 @@ class PartialFC(nn.Module):
         loss = attach_gradient(loss, c.cosine, grad)
         peak = parallel.gather(flow.abs(grad).max()).clamp(min=1e-30)  # (max over every rank's columns)
         scale = flow.pow(constant_like(peak, 2.0), 6.0 - flow.floor(flow.log2(peak)))
-        g_wn = flow.matmul(grad * scale, c.xn.detach(), transpose_a=True).to(flow.float32) / scale
+        g_wn = flow.matmul(grad * scale, c.xs.detach(), transpose_a=True).to(flow.float32) / scale
         wn, norm = c.wn.detach(), flow.sqrt((c.rows * c.rows).sum(dim=1)).clamp(min=1e-12)
         g_rows = (g_wn - wn * per_row((wn * g_wn).sum(dim=1), wn)) / per_row(norm, wn)
         if self.row_decay:
