@@ -51,3 +51,19 @@ def test_gradient_stays_finite_at_cos_one():
     assert np.all(np.isfinite(x.grad.numpy())) and np.all(np.isfinite(out.numpy()))
     # the clamp moves theta from 0 to ~1.4e-3 there: the logit is within 1e-3 of s*cos(m2)
     assert out.numpy()[0, 0] == pytest.approx(64.0 * math.cos(0.5), rel=1e-3)
+
+
+@pytest.mark.parametrize("margin", [(1.0, 0.5, 0.0), (1.0, 0.3, 0.2), (1.2, 0.4, 0.0), (1.0, 0.0, 0.4)])
+def test_slope_the_head_uses_is_the_gradient_of_the_target(margin):
+    """`target_and_slope` (the head's forward-only chain rule) against the numpy formula and
+    against autograd through `target_logit`, at cosines that include +-1 and the guard's side."""
+    t = np.concatenate([np.cos(np.linspace(0.05, 3.1, 40)), [1.0, -1.0, 0.999999999]]).astype(np.float32)
+    m = CombinedMargin(*margin, scale=64.0)
+    x = flow.tensor(t, requires_grad=True)
+    value, slope = m.target_and_slope(x.detach())
+    m.target_logit(x).sum().backward()
+    np.testing.assert_allclose(slope.numpy(), x.grad.numpy(), rtol=1e-5, atol=1e-5)
+    inside = np.abs(t) < 1.0 - 1e-6  # (outside, the clamp makes both 0)
+    want_value, want_slope, _ = numpy_target(np.arccos(t[inside].astype(np.float64)), *margin)
+    np.testing.assert_allclose(value.numpy()[inside], want_value, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(slope.numpy()[inside], want_slope, rtol=1e-3, atol=1e-4)
