@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from of_face.data import record_index
 from of_face.data.synthetic_faces import DIFFICULTY, SIZE, identity_params, render
 from of_face.data.verification_bin import write_bin
 from of_face.io import atomic_path
@@ -67,6 +68,8 @@ def _params(**overrides):
         raise ValueError(f"val_pairs must be even and >= 2 (half same, half different), got {p['val_pairs']}")
     if p["val_identities"] < 2 or p["num_identities"] < 1 or p["images_per_identity"] < 1:
         raise ValueError("need >= 1 training identity and image per identity, >= 2 validation identities")
+    # the set is RecordIO, whose labels are float32: more identities would merge class ids
+    record_index.check_class_count(p["num_identities"], "num_identities")
     if p["image_format"] not in ("jpeg", "png"):
         raise ValueError(f"image_format must be 'jpeg' or 'png', got {p['image_format']!r}")
     return p

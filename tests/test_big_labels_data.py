@@ -1,0 +1,159 @@
+"""Class ids above 2**24 (which float32 merges: 2**24 + 1 reads back as 2**24) from the data
+sources to the labels tensor: exact (int64) where the format holds them (label.txt folders, the
+loader, the labels tensor, the trainer's class count), refused with one line naming the file where
+the format stores float32 (RecordIO headers, the synthetic set, the images -> rec converter)."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from of_face.config import ConfigError, load_config
+from of_face.data import record_index, synthetic
+from of_face.data.convert import images2rec
+from of_face.data.folder import LabelTxtDataset
+from of_face.data.loader import ShardedLoader
+from of_face.data.recordio import RecordDataset
+
+mx = pytest.importorskip("mxnet")
+BIG = 2 ** 24
+assert np.float32(BIG + 1) == np.float32(BIG) and np.float32(BIG + 3) == np.float32(BIG + 4)  # what merges
+
+
+def _label_txt_set(root, labels):
+    root.mkdir()
+    for i in range(len(labels)):
+        Image.fromarray(np.full((112, 112, 3), i, np.uint8)).save(root / f"{i}.png")
+    (root / "label.txt").write_text("".join(f"{i}.png\t{c}\n" for i, c in enumerate(labels)))
+    return root
+
+
+def _write_rec(folder, labels, ranges=None, num_classes=None):
+    """A .rec/.idx written by mxnet: images 8x8-byte stand-ins with scalar float32 labels; with
+    `ranges`, insightface's header record 0 and identity-range records; `num_classes` a property."""
+    folder.mkdir()
+    w = mx.recordio.MXIndexedRecordIO(str(folder / "train.idx"), str(folder / "train.rec"), "w")
+    n, first = len(labels), 1 if ranges is not None else 0
+    if ranges is not None:
+        w.write_idx(0, mx.recordio.pack(mx.recordio.IRHeader(0, [n + 1, n + 1 + len(ranges)], 0, 0), b""))
+    for i, c in enumerate(labels):
+        w.write_idx(i + first, mx.recordio.pack(mx.recordio.IRHeader(0, float(c), i + first, 0), b"img"))
+    for k, (lo, hi) in enumerate(ranges or []):
+        w.write_idx(n + 1 + k, mx.recordio.pack(mx.recordio.IRHeader(0, [lo, hi], n + 1 + k, 0), b""))
+    w.close()
+    if num_classes is not None:
+        (folder / "property").write_text(f"{num_classes},112,112\n")
+    return folder
+
+
+LABELS = [BIG + 3, 0, BIG + 1, 7]  # 2**24+1 and 2**24+3: float32 would read 2**24 and 2**24+4
+
+
+def test_label_txt_loader_and_labels_tensor_keep_ids_above_2_24(tmp_path):
+    from of_face import parallel
+
+    ds = LabelTxtDataset(_label_txt_set(tmp_path / "set", LABELS))
+    assert ds.labels().dtype == np.int64 and ds.labels().tolist() == LABELS
+    assert ds.num_classes == BIG + 4 and [ds[i][1] for i in range(4)] == LABELS
+    loader = ShardedLoader(ds, 2, 0, 1, shuffle=False, flip=False)
+    batches = [labels for _, labels in loader]
+    assert [b.dtype for b in batches] == [np.int64] * 2
+    assert np.concatenate(batches).tolist() == LABELS
+    tensor = parallel.batch(batches[0], device="cpu")  # what the trainer hands the step
+    assert str(tensor.dtype) == "oneflow.int64" and parallel.to_numpy(tensor).tolist() == LABELS[:2]
+
+
+def test_trainer_takes_the_class_count_of_a_label_txt_set_above_2_24(tmp_path):
+    from of_face.train.trainer import prepare_data
+
+    root = _label_txt_set(tmp_path / "set", LABELS)
+    cfg = load_config(REPO / "configs/default.yaml", ["Data.dataset=folder", f"Data.root={root}"])
+    dataset, num_classes = prepare_data(cfg)
+    assert num_classes == BIG + 4 and dataset.labels().tolist() == LABELS
+
+
+def test_label_txt_refuses_a_label_int64_cannot_hold(tmp_path):
+    root = _label_txt_set(tmp_path / "set", [0])
+    (root / "label.txt").write_text(f"0.png\t{2 ** 63}\n")
+    with pytest.raises(ValueError, match=r"label\.txt: line 1: label 9223372036854775808, expected a class id "
+                                         r"below 9223372036854775807"):
+        LabelTxtDataset(root)
+
+
+def test_recordio_up_to_2_24_classes_is_exact(tmp_path):
+    labels = [BIG - 1, 0, BIG - 2, 1]  # the largest ids float32 holds exactly
+    ds = RecordDataset(_write_rec(tmp_path / "plain", labels))
+    assert ds.labels().tolist() == labels and ds.num_classes == BIG
+    cache = np.load(record_index.cache_path(ds.rec_path))
+    assert cache["labels"].dtype == np.int64 and cache["labels"].tolist() == labels
+
+
+@pytest.mark.parametrize("ranges", [None, [(1, 2), (2, 3), (3, 4), (4, 5)]])
+def test_recordio_labels_float32_merged_are_refused(tmp_path, ranges):
+    """Header labels 2**24+1 / 2**24+3 are stored by mxnet as 2**24 / 2**24+4: refused, naming the
+    record, both for a headerless set and for insightface's layout (whose ranges count classes)."""
+    root = _write_rec(tmp_path / "set", LABELS, ranges)
+    first = 1 if ranges else 0  # its label 2**24 + 3 reads back as 2**24 + 4
+    message = rf"set/train\.rec: record {first} has label 16777220, expected a class id below 16,777,216 \(2\*\*24\)"
+    with pytest.raises(ValueError, match=message):
+        RecordDataset(root).labels()
+    assert not list(root.glob("*.of_face_index.npz"))  # nothing cached
+
+
+def test_recordio_image_read_refuses_a_merged_label(tmp_path):
+    ds = RecordDataset(_write_rec(tmp_path / "set", [BIG + 1, 0], num_classes=2))  # property: no label pass
+    with pytest.raises(ValueError, match=r"train\.rec: record 0 has label 16777216, expected a class id below"):
+        ds[0]
+
+
+def test_recordio_property_with_more_classes_than_float32_names_is_refused(tmp_path):
+    from of_face.train.trainer import prepare_data
+
+    root = _write_rec(tmp_path / "set", [0, 1], num_classes=BIG + 1)
+    with pytest.raises(ValueError, match=r"set/property: 16,777,217 classes, expected at most 16,777,216 \(2\*\*24\): "
+                                         r"RecordIO stores labels as float32"):
+        RecordDataset(root)
+    cfg = load_config(REPO / "configs/default.yaml", ["Data.dataset=rec", f"Data.root={root}"])
+    with pytest.raises(ConfigError, match=r"^Data\.root: .*set/property: 16,777,217 classes, expected at most"):
+        prepare_data(cfg)
+
+
+def test_label_index_cache_is_int64_and_checked(tmp_path):
+    """A cache with float32 labels (not this version's) is rebuilt from the file; one that names
+    ids above 2**24 (a cache written before they were refused) is refused like the file."""
+    root = _write_rec(tmp_path / "set", [5, 2, 9])
+    rec, idx = root / "train.rec", root / "train.idx"
+    index = record_index.load_or_build(rec, idx)
+    assert index["labels"].dtype == np.int64
+    cache = record_index.cache_path(rec)
+
+    def write_cache(labels):
+        np.savez(cache, version=record_index.CACHE_VERSION, stamp=record_index._stamp(rec, idx),
+                 **dict(index, labels=labels))
+    write_cache(np.array([5, 2, 9], np.float32))
+    again = record_index.load_or_build(rec, idx)
+    assert again["labels"].dtype == np.int64 and again["labels"].tolist() == [5, 2, 9]
+    assert np.load(cache)["labels"].dtype == np.int64  # rewritten
+    write_cache(np.array([BIG + 1, 2, BIG + 3], np.int64))
+    with pytest.raises(ValueError, match=r"train\.rec: 16,777,220 classes, expected at most 16,777,216"):
+        record_index.load_or_build(rec, idx)
+
+
+def test_recordio_non_integral_label_is_refused(tmp_path):
+    root = _write_rec(tmp_path / "set", [0, 2.5])
+    with pytest.raises(ValueError, match=r"train\.rec: record 1 has label 2\.5, expected a whole class id"):
+        RecordDataset(root).labels()
+
+
+def test_images2rec_refuses_more_classes_than_float32_names(tmp_path):
+    src = _label_txt_set(tmp_path / "src", [0, BIG])  # 2**24 + 1 classes
+    with pytest.raises(ValueError, match=r"src: 16,777,217 classes, expected at most 16,777,216 \(2\*\*24\)"):
+        images2rec(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written
+
+
+def test_synthetic_set_refuses_more_identities_than_float32_names(tmp_path):
+    with pytest.raises(ValueError, match=r"num_identities: 16,777,217 classes, expected at most 16,777,216"):
+        synthetic.generate(tmp_path / "synth", num_identities=BIG + 1)
+    assert not (tmp_path / "synth").exists()
+    with pytest.raises(ConfigError, match=r"Data\.synth_identities: expected at most 16,777,216 \(2\*\*24"):
+        load_config(REPO / "configs/default.yaml", [f"Data.synth_identities={BIG + 1}"])
