@@ -157,3 +157,55 @@ def test_synthetic_set_refuses_more_identities_than_float32_names(tmp_path):
     assert not (tmp_path / "synth").exists()
     with pytest.raises(ConfigError, match=r"Data\.synth_identities: expected at most 16,777,216 \(2\*\*24"):
         load_config(REPO / "configs/default.yaml", [f"Data.synth_identities={BIG + 1}"])
+
+
+def _toy_float(v, exact=8):
+    """The integer a float with float32's rounding, scaled down so that integers stop being exact
+    past `exact` instead of 2**24, reads back as: what a RecordIO header holds for a record id past
+    2**24 (Glint360K: 17M images), at a size a test can write. Half to even, as float32."""
+    if v <= exact:
+        return v
+    step = 1 << (v.bit_length() - exact.bit_length() + 1)
+    return round(v / step) * step
+
+
+def test_float32_rounding_bound_of_record_ids():
+    """record_index._slack bounds how far float32 moves an integer (checked against numpy), and the
+    toy float above rounds like float32 does at 2**24 (2**24 + 1 -> 2**24, + 3 -> + 4)."""
+    rng = np.random.default_rng(0)
+    for v in np.concatenate([rng.integers(BIG - 100, 2 ** 27, 20000), np.arange(BIG - 3, BIG + 9)]):
+        stored = int(np.float32(v))
+        assert abs(stored - int(v)) <= record_index._slack(stored)
+    assert [record_index._slack(v) for v in (BIG - 1, BIG, BIG + 2, 2 ** 25, 2 ** 26)] == [0, 1, 1, 2, 4]
+    assert [_toy_float(v, exact=BIG) for v in (BIG + 1, BIG + 3, BIG + 5)] == [int(np.float32(v)) for v in
+                                                                               (BIG + 1, BIG + 3, BIG + 5)]
+
+
+def test_identity_ranges_past_the_exact_record_ids_give_each_image_its_own_label(tmp_path, monkeypatch):
+    """insightface's header [a, b] and range records hold record ids as float32: past 2**24 they are
+    rounded, so ranges move class boundaries by a record and `a` may name a range record as the last
+    image. With the float scaled down (exact up to 8, _toy_float) every image keeps its own label."""
+    sizes = [3, 5, 4, 6, 2, 7, 3]  # boundaries 1, 4, 9, 13, 19, 21, 28, 31: most are rounded
+    truth = np.repeat(np.arange(len(sizes)), sizes).tolist()
+    bounds = np.concatenate([[1], 1 + np.cumsum(sizes)]).tolist()
+    n = len(truth)
+    root = tmp_path / "set"
+    root.mkdir()
+    w = mx.recordio.MXIndexedRecordIO(str(root / "train.idx"), str(root / "train.rec"), "w")
+    w.write_idx(0, mx.recordio.pack(mx.recordio.IRHeader(0, [_toy_float(n + 1), _toy_float(n + 1 + len(sizes))],
+                                                         0, 0), b""))
+    for i, c in enumerate(truth, 1):
+        w.write_idx(i, mx.recordio.pack(mx.recordio.IRHeader(0, float(c), i, 0), b"img"))
+    for c in range(len(sizes)):
+        span = [_toy_float(bounds[c]), _toy_float(bounds[c + 1])]
+        w.write_idx(n + 1 + c, mx.recordio.pack(mx.recordio.IRHeader(0, span, n + 1 + c, 0), b""))
+    w.close()
+    assert _toy_float(n + 1) == 32 and _toy_float(9) == 8 and _toy_float(19) == _toy_float(21) == 20  # rounded
+    monkeypatch.setattr(record_index, "FLOAT32_EXACT", 8)
+    from_ranges = []  # the labels come from the ranges, not from the fallback pass over every header
+    real = record_index._labels_from_ranges
+    monkeypatch.setattr(record_index, "_labels_from_ranges", lambda *a: from_ranges.append(real(*a)) or from_ranges[-1])
+    ds = RecordDataset(root)
+    assert len(from_ranges) == 1 and from_ranges[0] is not None and from_ranges[0].tolist() == truth
+    assert len(ds) == n and ds.labels().tolist() == truth and ds.num_classes == len(sizes)
+    assert ds.ids.tolist() == list(range(1, n + 1))  # the images, not the first range record

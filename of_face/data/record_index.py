@@ -228,6 +228,13 @@ def build(rec_path: Path, idx_path: Path) -> Dict[str, np.ndarray]:
         # image has a vector label has flag > 0 too, but a payload)
         if first is not None and first.flag > 0 and len(payload) == 0:
             a, b = int(first.label[0]), int(first.label[1]) if len(first.label) > 1 else 0
+
+            def kind(record_id):  # "image", "range" (no payload) or None (not in the .idx)
+                return ("range" if len(header(record_id)[1]) == 0 else "image") if has(record_id) else None
+            # past 2**24 records (Glint360K has 17M images) a and b are float32-rounded: the true
+            # ones are where the images end and the range records begin / end
+            a = _true_record_id(a, lambda k: kind(k - 1) == "image" and kind(k) != "image")
+            b = _true_record_id(b, lambda k: kind(k - 1) == "range" and kind(k) != "range") if b > a else b
             ids = np.arange(1, a, dtype=np.int64)
             for missing in (1, a - 1):
                 if not has(missing):
@@ -240,21 +247,44 @@ def build(rec_path: Path, idx_path: Path) -> Dict[str, np.ndarray]:
     return index if labels is None else dict(index, labels=labels)
 
 
+def _slack(stored: int) -> int:
+    """How far the integer a float32 reads back as may lie from the one written: 0 below 2**24,
+    1 below 2**25 (2**24 itself may be 2**24 + 1 rounded), 2 below 2**26, ..."""
+    if stored < FLOAT32_EXACT:
+        return 0
+    return 1 << (int(stored).bit_length() - FLOAT32_EXACT.bit_length())
+
+
+def _true_record_id(stored: int, fits: Callable[[int], bool]) -> int:
+    """The record id a float32-rounded `stored` stands for: the nearest one within its rounding for
+    which `fits` holds (`stored` itself when exact, or when none fits)."""
+    slack = _slack(stored)
+    for k in sorted(range(stored - slack, stored + slack + 1), key=lambda k: (abs(k - stored), k)):
+        if slack == 0 or (k > 0 and fits(k)):
+            return k
+    return stored
+
+
 def _labels_from_ranges(header, label_of, ids, a, b) -> Optional[np.ndarray]:
     """Labels from the identity-range records a..b-1, None when they are absent or do not
     describe the images exactly (then the caller reads every image header)."""
     if b <= a:
         return None
     labels = np.full(len(ids), -1, np.int64)
+    near = []  # images a float32-rounded range bound may have put in the neighbouring class
     try:
         for cls, record_id in enumerate(range(a, b)):
             h, _ = header(record_id)
             lo, hi = (int(h.label[0]), int(h.label[1])) if np.ndim(h.label) and len(h.label) >= 2 else (0, 0)
-            if not 1 <= lo <= hi <= a:
+            if not 1 <= lo <= hi <= a + _slack(a):
                 return None
+            lo, hi = min(lo, a), min(hi, a)
             labels[lo - 1:hi - 1] = cls
+            near.extend(range(max(1, lo - _slack(lo)), min(a, lo + _slack(lo) + 1)) if _slack(lo) else ())
     except ValueError:
         return None
+    for record_id in near:  # ids 1..a-1 are images 0..a-2: their own (exact) header labels decide
+        labels[record_id - 1] = label_of(record_id)
     if (labels < 0).any():
         return None
     rng = np.random.default_rng(0)  # the ranges' class must be the images' own label: check a sample
