@@ -209,3 +209,40 @@ def test_identity_ranges_past_the_exact_record_ids_give_each_image_its_own_label
     assert len(from_ranges) == 1 and from_ranges[0] is not None and from_ranges[0].tolist() == truth
     assert len(ds) == n and ds.labels().tolist() == truth and ds.num_classes == len(sizes)
     assert ds.ids.tolist() == list(range(1, n + 1))  # the images, not the first range record
+
+
+def test_a_merged_recordio_label_stops_every_rank_with_one_line(tmp_path):
+    """Through the real launcher on 2 ranks: an image whose float32 header label is 2**24 (maybe
+    2**24 + 1 rounded) ends the run before the first step, exit code 2, one line naming the record."""
+    import struct
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    data = tmp_path / "faces"
+    synthetic.generate(data, num_identities=12, images_per_identity=4, val_identities=2, val_pairs=2)
+    ds = RecordDataset(data)
+    with open(ds.rec_path, "r+b") as f:  # record 1's IRHeader label (after magic, length and flag)
+        f.seek(int(ds._offsets[1]) + 8 + 4)
+        f.write(struct.pack("<f", BIG + 1))
+    for cache in data.glob("*.of_face_index.npz"):
+        cache.unlink()
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "of_face.train.launch", "--nproc-per-node", "2", "--master",
+           f"127.0.0.1:{free_port()}", "-c", "configs/default.yaml"]
+    for o in ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32",
+              "Data.dataset=rec", f"Data.root={data}", "Data.val_targets=[]", "Data.batch_size=4",
+              "Global.device=cpu", "Global.eval_before_training=false", f"Global.output_dir={out}",
+              "Global.max_steps=2", "Global.log_interval=1"]:
+        cmd += ["-o", o]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text[-4000:]
+    errors = [line for line in text.splitlines() if "error" in line.lower()]
+    assert errors == [f"error: Data.root: {data / 'train.rec'}: record 1 has label 16777216, expected a class id "
+                      "below 16,777,216 (2**24): RecordIO stores labels as float32, which cannot tell larger ids "
+                      "apart; a set of more classes needs int64 labels: keep it as image folders with a label.txt "
+                      "(Data.dataset=folder)"], text[-4000:]
+    assert "Traceback" not in text and "step 1/" not in proc.stdout
+    assert not out.exists() or not [p for p in out.rglob("*") if p.name.startswith("ckpt-") or ".tmp" in p.name]
