@@ -10,6 +10,7 @@ from conftest import REPO
 from of_face.config import ConfigError, load_config
 from of_face.data import record_index, synthetic
 from of_face.data.convert import images2rec
+from of_face.data.convert import main as convert_main
 from of_face.data.folder import LabelTxtDataset
 from of_face.data.loader import ShardedLoader
 from of_face.data.recordio import RecordDataset
@@ -144,16 +145,26 @@ def test_recordio_non_integral_label_is_refused(tmp_path):
         RecordDataset(root).labels()
 
 
-def test_images2rec_refuses_more_classes_than_float32_names(tmp_path):
+def test_images2rec_refuses_more_classes_than_float32_names(tmp_path, capsys):
     src = _label_txt_set(tmp_path / "src", [0, BIG])  # 2**24 + 1 classes
     with pytest.raises(ValueError, match=r"src: 16,777,217 classes, expected at most 16,777,216 \(2\*\*24\)"):
         images2rec(src, tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written
+    assert convert_main(["images2rec", "--input", str(src), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {src}: 16,777,217 classes, expected at most"), err
 
 
-def test_synthetic_set_refuses_more_identities_than_float32_names(tmp_path):
+def test_synthetic_set_refuses_more_identities_than_float32_names(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"num_identities: 16,777,217 classes, expected at most 16,777,216"):
         synthetic.generate(tmp_path / "synth", num_identities=BIG + 1)
+    assert not (tmp_path / "synth").exists()
+    assert synthetic.main(["--out", str(tmp_path / "synth"), "--identities", str(BIG + 1)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["error: num_identities: 16,777,217 classes, expected at most 16,777,216 (2**24): RecordIO "
+                   "stores labels as float32, which cannot tell ids above 2**24 apart (2**24 + 1 reads as 2**24); "
+                   "a set of more classes needs int64 labels: keep it as image folders with a label.txt "
+                   "(Data.dataset=folder)"]
     assert not (tmp_path / "synth").exists()
     with pytest.raises(ConfigError, match=r"Data\.synth_identities: expected at most 16,777,216 \(2\*\*24"):
         load_config(REPO / "configs/default.yaml", [f"Data.synth_identities={BIG + 1}"])

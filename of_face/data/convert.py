@@ -207,6 +207,14 @@ def _add_images2rec(p):
 
 
 def _run(cmd, args):
+    try:
+        return _convert(cmd, args)
+    except (ValueError, FileNotFoundError) as e:  # bad input, named by the reader: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _convert(cmd, args):
     if cmd == "rec2images":
         n = rec2images(args.root_dir, args.output_dir)
         print(f"{args.output_dir}: {n} images + label.txt")

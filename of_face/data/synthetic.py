@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -172,7 +173,11 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="regenerate even if the stamp matches")
     args = vars(parser.parse_args(argv))
     out, force = args.pop("out"), args.pop("force")
-    summary = ensure(out, force=force, **args)
+    try:
+        summary = ensure(out, force=force, **args)
+    except (ValueError, FileExistsError) as e:  # parameters refused (or a folder not to replace): one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{out}: {summary['num_images']} images of {summary['num_classes']} identities, "
           f"{len(summary['val_pair_identities'])} val pairs of {len(summary['val_identity_ids'])} unseen identities"
           + (f" ({summary['seconds']} s)" if "seconds" in summary else " (already there)"))
