@@ -265,13 +265,23 @@ def _true_record_id(stored: int, fits: Callable[[int], bool]) -> int:
     return stored
 
 
+def _around(bounds: np.ndarray, a: int) -> np.ndarray:
+    """The image records (1..a-1) within float32's rounding of some rounded range bound, once each."""
+    if not len(bounds):
+        return bounds
+    slack = np.array([_slack(int(v)) for v in bounds], np.int64)
+    ids = np.concatenate([(bounds[slack == s][:, None] + np.arange(-s, s + 1)).ravel() for s in np.unique(slack)])
+    ids = np.unique(ids)
+    return ids[(ids >= 1) & (ids < a)]
+
+
 def _labels_from_ranges(header, label_of, ids, a, b) -> Optional[np.ndarray]:
     """Labels from the identity-range records a..b-1, None when they are absent or do not
     describe the images exactly (then the caller reads every image header)."""
     if b <= a:
         return None
     labels = np.full(len(ids), -1, np.int64)
-    near = []  # images a float32-rounded range bound may have put in the neighbouring class
+    near = []  # rounded range bounds: images next to them may have been put in the neighbouring class
     try:
         for cls, record_id in enumerate(range(a, b)):
             h, _ = header(record_id)
@@ -280,11 +290,12 @@ def _labels_from_ranges(header, label_of, ids, a, b) -> Optional[np.ndarray]:
                 return None
             lo, hi = min(lo, a), min(hi, a)
             labels[lo - 1:hi - 1] = cls
-            near.extend(range(max(1, lo - _slack(lo)), min(a, lo + _slack(lo) + 1)) if _slack(lo) else ())
+            if _slack(lo):
+                near.append(lo)
     except ValueError:
         return None
-    for record_id in near:  # ids 1..a-1 are images 0..a-2: their own (exact) header labels decide
-        labels[record_id - 1] = label_of(record_id)
+    for record_id in _around(np.array(near, np.int64), a):  # images 0..a-2 are records 1..a-1
+        labels[record_id - 1] = label_of(int(record_id))  # its own header label (exact: < 2**24)
     if (labels < 0).any():
         return None
     rng = np.random.default_rng(0)  # the ranges' class must be the images' own label: check a sample
