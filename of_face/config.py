@@ -14,6 +14,7 @@ import yaml
 
 from of_face import strict_yaml
 from of_face.config_fields import ConfigError, _at_least, _build, _choice, _parse_override
+from of_face.data.record_index import FLOAT32_EXACT
 from of_face.device import DEVICES, device_hint
 
 
@@ -159,6 +160,9 @@ class DataCfg:
         _at_least("Data.batch_size", self.batch_size, 1)
         _at_least("Data.num_workers", self.num_workers, 0)
         _at_least("Data.synth_identities", self.synth_identities, 2)
+        if self.synth_identities > FLOAT32_EXACT:  # the synthetic set is RecordIO: float32 labels
+            raise ConfigError(f"Data.synth_identities: expected at most {FLOAT32_EXACT:,} (2**24, what the "
+                              f"float32 labels of RecordIO can name), got {self.synth_identities:,}")
         _at_least("Data.synth_images_per_identity", self.synth_images_per_identity, 2)
         if self.synth_difficulty < 0:
             raise ConfigError(f"Data.synth_difficulty: expected >= 0, got {self.synth_difficulty}")

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from of_face.data import record_index
 from of_face.data.verification_bin import entry_bytes, read_bin_entries
 from of_face.io import atomic_path, atomic_write
 
@@ -69,8 +70,7 @@ def rec2images(root_dir, output_dir):
     lines = []
     for record_id in ds.ids:
         header, payload = ds._read_record(int(record_id))
-        label = header.label
-        label = int(label[0]) if np.ndim(label) else int(label)
+        label = record_index.header_class(header, ds.rec_path, int(record_id))
         rel = f"images/{label}/{int(record_id)}{_image_ext(payload)}"
         (out / "images" / str(label)).mkdir(exist_ok=True)
         (out / rel).write_bytes(payload)
@@ -146,6 +146,8 @@ def images2rec(input_dir, output_dir, quality=95, workers=1, keep_jpeg=False, re
     from .folder import open_image_dataset
 
     ds = open_image_dataset(input_dir, resize=resize)
+    # RecordIO labels are float32: ids above 2**24 would merge. Refused before anything is written.
+    record_index.check_class_count(ds.num_classes, input_dir)
     labels = ds.labels()
     order = np.argsort(labels, kind="stable")  # classes must be contiguous for the range records
     jobs = [(str(ds.paths[i]), quality, keep_jpeg, resize) for i in order]
@@ -205,6 +207,14 @@ def _add_images2rec(p):
 
 
 def _run(cmd, args):
+    try:
+        return _convert(cmd, args)
+    except (ValueError, FileNotFoundError) as e:  # bad input, named by the reader: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _convert(cmd, args):
     if cmd == "rec2images":
         n = rec2images(args.root_dir, args.output_dir)
         print(f"{args.output_dir}: {n} images + label.txt")

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAX_LABEL = 2 ** 63 - 1  # labels are int64 (any id exact); the class count, max + 1, must fit too
 
 
 def load_image(path, image_size=(112, 112), resize=False):
@@ -99,6 +100,9 @@ class LabelTxtDataset(_ImageListDataset):
                     raise ValueError(f"{listing}: line {line_no}: label {label_text!r} is not an integer") from None
                 if label < 0:
                     raise ValueError(f"{listing}: line {line_no}: label {label} is negative")
+                if label >= MAX_LABEL:
+                    raise ValueError(f"{listing}: line {line_no}: label {label}, expected a class id below "
+                                     f"{MAX_LABEL} (2**63 - 1: labels are int64)")
                 path = self.root / rel
                 if not path.is_file():
                     raise FileNotFoundError(f"{listing}: line {line_no}: image file not found: {path}")

@@ -11,8 +11,14 @@ of image headers is checked against them), else from one pass over the image hea
 are cached in `<rec stem>.of_face_index.npz` beside the data, or, when that folder is read-only,
 in `$XDG_CACHE_HOME/of_face/index/` (default ~/.cache), keyed by the size and mtime of the .rec and
 .idx: a changed file rebuilds it. A 1M-record set's index is about 32 MB in memory.
+
+Labels are float32 on disk (mxnet's IRHeader and its label vectors), which holds every integer
+only up to 2**24: 2**24 + 1 reads back as 2**24. So a RecordIO set can name at most 2**24 classes
+(ids 0 .. 2**24 - 1); a label read as 2**24 or more may be another id rounded, and is refused
+(`class_id`) rather than merged. Everything after the header is int64.
 """
 import hashlib
+import math
 import os
 import struct
 from collections import namedtuple
@@ -28,6 +34,31 @@ RECORD_MAGIC = 0xCED7230A
 IR_FORMAT = "<IfQQ"  # mxnet's IRHeader: uint32 flag, float32 label, uint64 id, uint64 id2
 IR_SIZE = struct.calcsize(IR_FORMAT)
 IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])  # as mx.recordio's
+FLOAT32_EXACT = 2 ** 24  # float32 holds every integer up to this one; RecordIO class ids stay below it
+BIG_SET_HINT = ("a set of more classes needs int64 labels: keep it as image folders with a label.txt "
+                "(Data.dataset=folder)")
+
+
+def class_id(value, rec_path, record_id) -> int:
+    """The class id a float32 header label stands for; refused when it is not a whole number or
+    float32 may have rounded it (2**24 or more: 2**24 + 1 and 2**24 read back alike)."""
+    v = float(value)
+    if not math.isfinite(v) or v != math.floor(v):
+        raise ValueError(f"{rec_path}: record {record_id} has label {v}, expected a whole class id")
+    if v >= FLOAT32_EXACT:
+        raise ValueError(f"{rec_path}: record {record_id} has label {int(v)}, expected a class id below "
+                         f"{FLOAT32_EXACT:,} (2**24): RecordIO stores labels as float32, which cannot tell "
+                         f"larger ids apart; {BIG_SET_HINT}")
+    return int(v)
+
+
+def check_class_count(num_classes: int, where) -> int:
+    """`num_classes` if float32 labels can name them all, else a ValueError naming `where`."""
+    if num_classes > FLOAT32_EXACT:
+        raise ValueError(f"{where}: {num_classes:,} classes, expected at most {FLOAT32_EXACT:,} (2**24): "
+                         f"RecordIO stores labels as float32, which cannot tell ids above 2**24 apart "
+                         f"(2**24 + 1 reads as 2**24); {BIG_SET_HINT}")
+    return num_classes
 
 
 def parse_idx(idx_path: Path) -> Tuple[np.ndarray, np.ndarray]:
@@ -100,11 +131,15 @@ def read_label(f, offset: int, rec_path, record_id: int) -> int:
     flag, label, _, _ = struct.unpack(IR_FORMAT, raw[8:8 + IR_SIZE])
     if flag > 0:  # vector label stored after the header; its first element is the class
         (label,) = struct.unpack("<f", raw[8 + IR_SIZE:8 + IR_SIZE + 4])
-    return int(label)
+    return class_id(label, rec_path, record_id)
 
 
-def _label(header: IRHeader) -> int:
-    return int(header.label[0]) if np.ndim(header.label) else int(header.label)
+def header_class(header: IRHeader, rec_path, record_id: int) -> int:
+    """The class id of an unpacked record (a scalar label, or the first of a label vector)."""
+    label = header.label
+    if np.ndim(label) and len(label) == 0:
+        raise ValueError(f"{rec_path}: record {record_id} has an empty label vector, expected a class id")
+    return class_id(label[0] if np.ndim(label) else label, rec_path, record_id)
 
 
 def _stamp(*paths: Path) -> np.ndarray:
@@ -126,13 +161,17 @@ def load_or_build(rec_path: Path, idx_path: Path, log: Optional[Callable[[str], 
     """The index arrays, from the cache when it matches the files, else built (and cached once it
     has labels). Without `need_labels` a set with no identity ranges gets no "labels" entry (the
     pass over its headers waits for `with_labels`)."""
-    cache = cache_path(rec_path)
+    cache, index = cache_path(rec_path), None
     try:
         with np.load(cache) as f:
-            if int(f["version"]) == CACHE_VERSION and np.array_equal(f["stamp"], _stamp(rec_path, idx_path)):
-                return {k: f[k] for k in ("keys", "offsets", "ids", "labels")}
+            if (int(f["version"]) == CACHE_VERSION and np.array_equal(f["stamp"], _stamp(rec_path, idx_path))
+                    and f["labels"].dtype == np.int64):
+                index = {k: f[k] for k in ("keys", "offsets", "ids", "labels")}
     except (OSError, KeyError, ValueError):
         pass
+    if index is not None:
+        _check_labels(index["labels"], rec_path)  # a cache written before labels were checked
+        return index
     index = build(rec_path, idx_path)
     return with_labels(rec_path, idx_path, index, log) if need_labels or "labels" in index else index
 
@@ -146,6 +185,7 @@ def with_labels(rec_path: Path, idx_path: Path, index: Dict[str, np.ndarray],
             index = dict(index, labels=np.fromiter(
                 (read_label(f, int(offsets[np.searchsorted(keys, i)]), rec_path, int(i)) for i in index["ids"]),
                 np.int64, len(index["ids"])))
+    _check_labels(index["labels"], rec_path)  # labels from the identity ranges are counted, not read
     cache = cache_path(rec_path)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +195,11 @@ def with_labels(rec_path: Path, idx_path: Path, index: Dict[str, np.ndarray],
         if log:
             log(f"note: could not cache the label index at {cache} ({e.strerror})")
     return index
+
+
+def _check_labels(labels: np.ndarray, rec_path) -> None:
+    if len(labels):
+        check_class_count(int(labels.max()) + 1, rec_path)
 
 
 def build(rec_path: Path, idx_path: Path) -> Dict[str, np.ndarray]:
@@ -183,6 +228,13 @@ def build(rec_path: Path, idx_path: Path) -> Dict[str, np.ndarray]:
         # image has a vector label has flag > 0 too, but a payload)
         if first is not None and first.flag > 0 and len(payload) == 0:
             a, b = int(first.label[0]), int(first.label[1]) if len(first.label) > 1 else 0
+
+            def kind(record_id):  # "image", "range" (no payload) or None (not in the .idx)
+                return ("range" if len(header(record_id)[1]) == 0 else "image") if has(record_id) else None
+            # past 2**24 records (Glint360K has 17M images) a and b are float32-rounded: the true
+            # ones are where the images end and the range records begin / end
+            a = _true_record_id(a, lambda k: kind(k - 1) == "image" and kind(k) != "image")
+            b = _true_record_id(b, lambda k: kind(k - 1) == "range" and kind(k) != "range") if b > a else b
             ids = np.arange(1, a, dtype=np.int64)
             for missing in (1, a - 1):
                 if not has(missing):
@@ -195,21 +247,55 @@ def build(rec_path: Path, idx_path: Path) -> Dict[str, np.ndarray]:
     return index if labels is None else dict(index, labels=labels)
 
 
+def _slack(stored: int) -> int:
+    """How far the integer a float32 reads back as may lie from the one written: 0 below 2**24,
+    1 below 2**25 (2**24 itself may be 2**24 + 1 rounded), 2 below 2**26, ..."""
+    if stored < FLOAT32_EXACT:
+        return 0
+    return 1 << (int(stored).bit_length() - FLOAT32_EXACT.bit_length())
+
+
+def _true_record_id(stored: int, fits: Callable[[int], bool]) -> int:
+    """The record id a float32-rounded `stored` stands for: the nearest one within its rounding for
+    which `fits` holds (`stored` itself when exact, or when none fits)."""
+    slack = _slack(stored)
+    for k in sorted(range(stored - slack, stored + slack + 1), key=lambda k: (abs(k - stored), k)):
+        if slack == 0 or (k > 0 and fits(k)):
+            return k
+    return stored
+
+
+def _around(bounds: np.ndarray, a: int) -> np.ndarray:
+    """The image records (1..a-1) within float32's rounding of some rounded range bound, once each."""
+    if not len(bounds):
+        return bounds
+    slack = np.array([_slack(int(v)) for v in bounds], np.int64)
+    ids = np.concatenate([(bounds[slack == s][:, None] + np.arange(-s, s + 1)).ravel() for s in np.unique(slack)])
+    ids = np.unique(ids)
+    return ids[(ids >= 1) & (ids < a)]
+
+
 def _labels_from_ranges(header, label_of, ids, a, b) -> Optional[np.ndarray]:
     """Labels from the identity-range records a..b-1, None when they are absent or do not
     describe the images exactly (then the caller reads every image header)."""
     if b <= a:
         return None
     labels = np.full(len(ids), -1, np.int64)
+    near = []  # rounded range bounds: images next to them may have been put in the neighbouring class
     try:
         for cls, record_id in enumerate(range(a, b)):
             h, _ = header(record_id)
             lo, hi = (int(h.label[0]), int(h.label[1])) if np.ndim(h.label) and len(h.label) >= 2 else (0, 0)
-            if not 1 <= lo <= hi <= a:
+            if not 1 <= lo <= hi <= a + _slack(a):
                 return None
+            lo, hi = min(lo, a), min(hi, a)
             labels[lo - 1:hi - 1] = cls
+            if _slack(lo):
+                near.append(lo)
     except ValueError:
         return None
+    for record_id in _around(np.array(near, np.int64), a):  # images 0..a-2 are records 1..a-1
+        labels[record_id - 1] = label_of(int(record_id))  # its own header label (exact: < 2**24)
     if (labels < 0).any():
         return None
     rng = np.random.default_rng(0)  # the ranges' class must be the images' own label: check a sample

@@ -7,7 +7,8 @@ Two layouts exist in the wild:
 * plain ``im2rec`` output: no header; every key in the ``.idx`` file is an image. Record 0 counts as
   the insightface header only if it has ``flag > 0`` and an empty payload.
 
-Labels may be a scalar or a vector; the first element is the class id.
+Labels may be a scalar or a vector; the first element is the class id. Both are float32 on disk, so
+a set may name at most 2**24 classes (record_index.class_id); labels are int64 from there on.
 """
 import io
 import os
@@ -73,6 +74,8 @@ class RecordDataset:
         # keys/offsets of the .idx, image ids and labels as numpy arrays, cached beside the data
         # (of_face/data/record_index.py): no pass over the images, no dict of every record
         prop = _read_property(property_path)
+        if prop is not None:  # more classes than float32 labels can name: refused before any pass
+            record_index.check_class_count(prop[0], property_path)
         self._log = log
         self._index = record_index.load_or_build(self.rec_path, self.idx_path, log, need_labels=prop is None)
         self._keys, self._offsets, self.ids = self._index["keys"], self._index["offsets"], self._index["ids"]
@@ -113,8 +116,7 @@ class RecordDataset:
             raise IndexError(f"index {index} out of range for {len(self)} images")
         record_id = int(self.ids[index])
         header, payload = self._read_record(record_id)
-        label = header.label
-        label = int(label[0]) if np.ndim(label) else int(label)
+        label = record_index.header_class(header, self.rec_path, record_id)
         try:
             with Image.open(io.BytesIO(payload)) as im:
                 im = im.convert("RGB")

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from of_face.data import record_index
 from of_face.data.synthetic_faces import DIFFICULTY, SIZE, identity_params, render
 from of_face.data.verification_bin import write_bin
 from of_face.io import atomic_path
@@ -67,6 +69,8 @@ def _params(**overrides):
         raise ValueError(f"val_pairs must be even and >= 2 (half same, half different), got {p['val_pairs']}")
     if p["val_identities"] < 2 or p["num_identities"] < 1 or p["images_per_identity"] < 1:
         raise ValueError("need >= 1 training identity and image per identity, >= 2 validation identities")
+    # the set is RecordIO, whose labels are float32: more identities would merge class ids
+    record_index.check_class_count(p["num_identities"], "num_identities")
     if p["image_format"] not in ("jpeg", "png"):
         raise ValueError(f"image_format must be 'jpeg' or 'png', got {p['image_format']!r}")
     return p
@@ -169,7 +173,11 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="regenerate even if the stamp matches")
     args = vars(parser.parse_args(argv))
     out, force = args.pop("out"), args.pop("force")
-    summary = ensure(out, force=force, **args)
+    try:
+        summary = ensure(out, force=force, **args)
+    except (ValueError, FileExistsError) as e:  # parameters refused (or a folder not to replace): one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{out}: {summary['num_images']} images of {summary['num_classes']} identities, "
           f"{len(summary['val_pair_identities'])} val pairs of {len(summary['val_identity_ids'])} unseen identities"
           + (f" ({summary['seconds']} s)" if "seconds" in summary else " (already there)"))
