@@ -149,11 +149,11 @@ class Trial:
 
 
 def run_trial(classes: int, dim: int, budget_bytes: int, *, rate: float = 0.1, batch: int = 256, steps: int = 3,
-              timeout: float | None = None, min_available: int = 0) -> Trial:
+              timeout: float | None = None, min_available: int = 0, interval: float = 0.2) -> Trial:
     cmd = [sys.executable, "-m", "oneflow.distributed.launch", "--nproc_per_node", str(WORLD),
            "--master_port", str(29000 + random.randrange(900)),
            "bench/fc_part.py", str(classes), str(rate), "1", str(dim), str(batch)]
-    w = watch(cmd, budget_bytes, timeout=timeout, min_available=min_available, cwd=REPO,
+    w = watch(cmd, budget_bytes, interval=interval, timeout=timeout, min_available=min_available, cwd=REPO,
               env=dict(os.environ, FC_STEPS=str(steps)))
     if w.killed == "over budget":
         return Trial(classes, "over budget", w.peak_bytes, seconds=w.seconds)
@@ -237,6 +237,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lo", type=int, default=0, help="a class count known to run (search start)")
     ap.add_argument("--hi", type=int, help="a class count known not to fit (default: the bytes bound)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per trial before it is killed")
+    ap.add_argument("--interval", type=float, default=0.2,
+                    help="seconds between RSS samples (a launch can grow ~0.5 GiB in 0.2 s: keep the margin)")
     ap.add_argument("--min-available-gib", type=float, default=0.5,
                     help="kill the trial and stop if the machine's MemAvailable drops below this")
     args = ap.parse_args(argv)
@@ -253,7 +255,8 @@ def main(argv=None) -> int:
         hi = args.hi or bytes_bound(budget, dim)
         print(f"dim {dim}: bisecting ({args.lo:,}, {hi:,}) classes", flush=True)
         s = search(lambda c, d=dim: run_trial(c, d, budget, rate=args.rate, batch=args.batch, steps=args.steps,
-                                              timeout=args.timeout, min_available=int(args.min_available_gib * GIB)),
+                                              timeout=args.timeout, interval=args.interval,
+                                              min_available=int(args.min_available_gib * GIB)),
                    args.lo, hi, resolution=args.resolution, resolution_classes=args.resolution_classes,
                    report=lambda t, d=dim: print(describe(d, t), flush=True))
         failed |= s.stopped is not None
