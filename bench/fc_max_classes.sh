@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Largest FC class count at r 0.1, sparse update, 2 ranks (bench/fc_max_classes.py; issue 12 item 7).
+# Usage: bash bench/fc_max_classes.sh [--dims 512 128] [--budget-gib G] [--resolution 0.02] ...
+# Run it on a quiet machine: the default budget is MemAvailable at start minus 1.5 GiB, and every
+# trial is killed by the script's watchdog before it can reach the kernel OOM killer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=$(bash scripts/setup.sh)
+exec "$PY" bench/fc_max_classes.py "$@"
