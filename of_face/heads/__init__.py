@@ -33,7 +33,7 @@ def build_head(cfg, num_classes: int, micro_global_batch: int) -> PartialFC:
     return PartialFC(
         num_classes, cfg.Model.embedding_size, margin=cfg.Loss.margin, scale=cfg.Loss.scale,
         sample_rate=cfg.Loss.sample_rate, device=cfg.Global.device, global_batch=micro_global_batch,
-        sparse_update=sparse, seed=cfg.Global.seed, row_decay=row_decay, group_options=group,
+        sparse_update=sparse, seed=cfg.Global.seed, row_decay=row_decay, group_options=group, amp=cfg.AMP.enable,
     )
 
 

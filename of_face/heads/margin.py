@@ -123,12 +123,17 @@ def row_max(x):
     return parallel.gather(local).max(dim=1)[0]
 
 
-def per_row(v, like):
+def per_row(v, like, outer: bool = False):
     """v [N] repeated along the columns of like [N, C] (same SBP as like).
 
     Spelled with broadcast_like because OneFlow 0.9's CPU kernels broadcast an [N, 1] operand
     against [N, C] element by element, an order of magnitude slower than broadcast_like plus a
-    same-shape op (docs/BENCHMARKS.md, P2).
+    same-shape op (docs/BENCHMARKS.md, P2). `outer`: as the outer product of v and a ones row
+    instead (a K = 1 matmul, exact), faster again on the CPU; not under AMP, where nn.Graph
+    runs every matmul in FP16.
     """
+    if outer:
+        ones = constant_like(like[:1], 1.0) if not like.is_global else flow._C.global_constant(
+            (1, like.shape[1]), 1.0, dtype=like.dtype, placement=like.placement, sbp=like.sbp)
+        return flow.matmul(v.unsqueeze(1).to(like.dtype), ones)
     return flow.broadcast_like(v.unsqueeze(1), like, broadcast_axes=[1])
-

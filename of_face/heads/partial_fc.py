@@ -92,7 +92,7 @@ class PartialFC(nn.Module):
     def __init__(self, num_classes: int, embedding_size: int, margin: Sequence[float] = (1.0, 0.5, 0.0),
                  scale: float = 64.0, sample_rate: float = 1.0, device: str = "auto", init_std: float = 0.01,
                  global_batch: int = 0, sparse_update: bool = False, seed: int = 0, row_decay: float = 0.0,
-                 group_options: Optional[Dict[str, Any]] = None):
+                 group_options: Optional[Dict[str, Any]] = None, amp: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.embedding_size = embedding_size
@@ -107,6 +107,7 @@ class PartialFC(nn.Module):
         self.group_options = dict(group_options or {}) if self.sparse_update else {}
         self.device = device
         self.seed = seed
+        self.outer = not amp  # [N] -> [N, C'] as outer products (margin.per_row): FP32 only
         self.weight = nn.Parameter(
             parallel.fc_weight_random(self.padded_classes, embedding_size, init_std, device)
         )
@@ -212,11 +213,11 @@ class PartialFC(nn.Module):
         else:
             target, slope = self.margin.target_and_slope(t / s)  # (the margin's acos clamps to +-1)
             target = target * s
-            logits = scaled + onehot * per_row(target - t, scaled)
+            logits = scaled + onehot * per_row(target - t, scaled, self.outer)
         pad = self.kept_pad_bias(kept)
         if pad is not None:  # (a label column is never a padded class: its bias there is 0)
             logits = logits + flow.broadcast_like(pad.unsqueeze(0), logits, broadcast_axes=[0])
-        return softmax_cross_entropy(logits, onehot, target, label_slope=slope)
+        return softmax_cross_entropy(logits, onehot, target, label_slope=slope, outer=self.outer)
 
     def logits(self, embeddings, labels, noise=None):
         """embeddings [N, D] split(0) -> (logits [N, C'] split(1), labels [N] broadcast in C',

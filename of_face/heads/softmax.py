@@ -22,7 +22,8 @@ import oneflow as flow
 from of_face.heads.margin import constant_like, label_columns, per_row, row_max, row_sum
 
 
-def softmax_cross_entropy(logits, onehot, target, label_slope=None, grad_scale: float = 1.0) -> Tuple:
+def softmax_cross_entropy(logits, onehot, target, label_slope=None, grad_scale: float = 1.0,
+                          outer: bool = False) -> Tuple:
     """Mean softmax cross-entropy and its gradient, no autograd.
 
     logits [N, C] (split along C or not), onehot [N, C] (1.0 at each row's label column, on the
@@ -30,18 +31,18 @@ def softmax_cross_entropy(logits, onehot, target, label_slope=None, grad_scale: 
     with grad = grad_scale * d loss / d logits = grad_scale * (softmax - onehot) / N, except in
     the label column, which is multiplied by label_slope [N] when given: the chain rule through a
     margin that changes only that column (the head passes s and the margin's slope, and gets
-    the gradient with respect to the cosines).
+    the gradient with respect to the cosines). `outer`: see `margin.per_row`.
     """
     n = logits.shape[0]
     shift = row_max(logits)
-    e = flow.exp(logits - per_row(shift, logits))
+    e = flow.exp(logits - per_row(shift, logits, outer))
     total = row_sum(e)
     loss = (flow.log(total) + shift - target).mean()
     p_target = flow.exp(target - shift) / total
     # label column: (p - 1) * slope; elsewhere p. As p + onehot * c: c = (p - 1) * slope - p.
     c = (p_target - 1.0) * label_slope - p_target if label_slope is not None else constant_like(p_target, -1.0)
     k = grad_scale / n
-    grad = e * per_row(k / total, e) + onehot * per_row(k * c, e)
+    grad = e * per_row(k / total, e, outer) + onehot * per_row(k * c, e, outer)
     return loss, grad
 
 
@@ -58,5 +59,5 @@ def class_split_cross_entropy(logits, labels):
     differentiable (the gradient comes from `softmax_cross_entropy`, as in the head)."""
     z = logits.detach()
     onehot = label_columns(z, labels)
-    loss, grad = softmax_cross_entropy(z, onehot, row_sum(z * onehot))
+    loss, grad = softmax_cross_entropy(z, onehot, row_sum(z * onehot), outer=True)  # (as the head without AMP)
     return attach_gradient(loss, logits, grad)
