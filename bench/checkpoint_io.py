@@ -63,6 +63,7 @@ class Head(flow.nn.Module):
     def __init__(self, classes, dim):
         super().__init__()
         self.num_classes = classes
+        self.embedding_size = dim
         self.weight = flow.nn.Parameter(parallel.fc_weight_random(parallel.padded_classes(classes), dim, 0.01, "cpu"))
 
 
@@ -95,8 +96,9 @@ def main():
     backbone = parallel.broadcast_module(build_backbone(ModelCfg(name="iresnet", layers=[1, 1, 1, 1], width=8,
                                                                  embedding_size=args.dim)), "cpu")
     head = Head(args.classes, args.dim)
+    rows = parallel.fc_num_rows(head.weight)
     slots = {} if args.no_momentum else {
-        ("head.weight", "momentum_buf"): parallel.fc_weight_random(head.weight.shape[0], args.dim, 0.01, "cpu")}
+        ("head.weight", "momentum_buf"): parallel.fc_weight_random(rows, args.dim, 0.01, "cpu")}
     system = SimpleNamespace(backbone=backbone, head=head, optimizer=SGD(), step=Stepper(slots))
     flow._oneflow_internal.eager.Sync()
     if rank == 0:
