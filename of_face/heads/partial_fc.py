@@ -24,7 +24,10 @@ weight decay on the variable, so for SGD the decay of kept rows comes from a pen
 elsewhere); AdamW keeps its decoupled decay, which the sparse AdamW update applies to kept rows.
 
 Lean: margin, softmax and cross-entropy run forward-only and yield the gradient with respect to
-the cosines (heads/softmax.py); autograd sees only the cosine matmul and the normalisations.
+s * cos (heads/softmax.py); autograd sees only the cosine matmul and the normalisations. What
+backward keeps: that gradient [N, C'] (an operand of the link product that hands it to
+autograd), the matmul's inputs (scaled embeddings [N, D], normalised rows [world*k, D]) and what
+the two normalisations need; nothing of the margin, the softmax or the one-hot mask.
 
 The negatives' random scores come from the host (`step_noise`): a numpy generator seeded with
 (seed, step) fills a [local] vector, the same on every rank, fed to the step as an input. Graph
