@@ -122,7 +122,8 @@ class GradNormProbe:
             for copy, orig in ((self.backbone, self.system.backbone), (self.head, self.system.head)):
                 own = copy.state_dict()
                 for name, value in orig.state_dict().items():
-                    parallel.load_into(own[name], parallel.to_numpy(value))
+                    whole = parallel.fc_rows(value) if parallel.is_fc_table(value) else parallel.to_numpy(value)
+                    parallel.load_into(own[name], whole)
         out = self.head.objective(self.backbone(x), y)
         out.objective.backward()
         total = sum(float(np.sum(parallel.to_numpy(p.grad).astype(np.float64) ** 2))
