@@ -110,11 +110,6 @@ def fc_place_rows(local: np.ndarray, ref: Optional[flow.Tensor] = None, device: 
     return t.to_global(placement=place, sbp=SBP_FC_TABLE)
 
 
-def replicated(array: np.ndarray, device: str = "auto") -> flow.Tensor:
-    """A numpy value every rank computed alike -> broadcast global tensor (no communication)."""
-    return broadcast_array(array, placement(device))
-
-
 def fc_shard(local_array: np.ndarray, device: str = "auto") -> flow.Tensor:
     """This rank's own slice along classes (numpy) -> global tensor split along classes."""
     return flow.tensor(local_array).to_global(placement=placement(device), sbp=SBP_FC_WEIGHT)

@@ -79,7 +79,8 @@ def test_bytes_bound_is_weight_plus_momentum_over_the_budget():
 # the venv's site hook preloads the CUDA libraries (~130 MiB per interpreter), not wanted here.
 TREE = textwrap.dedent("""
     import subprocess, sys
-    rank = "import os, time; print(os.getpid(), flush=True); b = bytearray(b'\\\\1') * ({each} << 20); time.sleep(60)"
+    rank = ("import os, time; os.write(1, b'%d\\\\n' % os.getpid()); "
+            "b = bytearray(b'\\\\1') * ({each} << 20); time.sleep(60)")
     ranks = [subprocess.Popen([sys.executable, "-S", "-c", rank]) for _ in range(2)]
     [r.wait() for r in ranks]
 """)
@@ -93,6 +94,7 @@ def _alive(pid):
 
 
 def test_watchdog_kills_the_whole_tree_when_its_summed_rss_passes_the_budget():
+    # (each rank writes its pid in one write(2): print's text and newline can interleave between ranks)
     # each rank alone (150 MiB) stays under the 250 MiB budget: only the sum over the tree exceeds it
     start = time.monotonic()
     w = mc.watch([sys.executable, "-S", "-c", TREE.format(each=150)], 250 * MIB, interval=0.05, timeout=30)

@@ -137,11 +137,15 @@ class PartialFC(nn.Module):
 
     # ------------------------------------------------------------------ sampling
     def step_noise(self, step, micro_batches=1):
-        """Uniform scores of the local positions at optimizer step `step`: [local] broadcast,
-        the same on every rank. With gradient accumulation each micro-batch gets its own
-        [local] piece of a [micro_batches * local] vector (the graph cuts inputs per micro-batch)."""
+        """Uniform scores of the local positions at optimizer step `step`, the same [local] on
+        every rank, as a [world * local] split(0) tensor. With gradient accumulation each
+        micro-batch gets its own piece of each rank's shard (the graph cuts inputs per micro-batch)."""
+        # Every rank draws the same values and hands in its own copy as its shard of a [world *
+        # local] split(0) tensor (no data moves here); `sample` all-gathers it inside the step.
+        # (A broadcast input would need an eager broadcast outside the compiled step each step;
+        # measured: a 400-step 2-rank sampling loop then hung once in four runs.)
         rng = np.random.default_rng([self.seed, step])
-        return parallel.replicated(rng.random(micro_batches * self.local_classes, dtype=np.float32), self.device)
+        return parallel.fc_shard(rng.random(micro_batches * self.local_classes, dtype=np.float32), self.device)
 
     def sample(self, labels, noise=None):
         """labels [N] broadcast -> (kept positions J [k] broadcast, remapped labels [N] broadcast).
@@ -158,6 +162,8 @@ class PartialFC(nn.Module):
         positive = flow.scatter(positive, 0, position, constant_like(position, 1.0, flow.float32))
         if noise is None:
             noise = flow.rand(local, placement=place, sbp=parallel.SBP_GATHERED)
+        else:  # every rank's shard holds the same [local] scores (step_noise)
+            noise = parallel.gather(noise).view(self.world, local)[0]
         _, kept = flow.topk(noise + 2.0 * positive, k)  # positives first (score >= 2 > noise)
         slots = flow.arange(k, dtype=flow.int64, placement=place, sbp=parallel.SBP_GATHERED)
         slot_of = flow._C.global_constant([local], 0, dtype=flow.int64, placement=place, sbp=parallel.SBP_GATHERED)
