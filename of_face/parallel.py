@@ -103,11 +103,9 @@ def fc_weight(array: np.ndarray, device: str = "auto") -> flow.Tensor:
 def fc_place_rows(local: np.ndarray, ref: Optional[flow.Tensor] = None, device: str = "auto") -> flow.Tensor:
     """This rank's own [local, ...] rows (numpy) -> the FC table [local, world, ...] split(1),
     placed like `ref` when given (no second host copy)."""
-    place = ref.placement if ref is not None else placement(device)
-    if ref is not None:
-        local = np.ascontiguousarray(local, dtype=flow.convert_oneflow_dtype_to_numpy_dtype(ref.dtype))
-    t = flow.from_numpy(np.ascontiguousarray(local)).unsqueeze(1)
-    return t.to_global(placement=place, sbp=SBP_FC_TABLE)
+    dtype = flow.convert_oneflow_dtype_to_numpy_dtype(ref.dtype) if ref is not None else None
+    t = flow.from_numpy(np.ascontiguousarray(local, dtype=dtype)).unsqueeze(1)
+    return t.to_global(placement=ref.placement if ref is not None else placement(device), sbp=SBP_FC_TABLE)
 
 
 def fc_shard(local_array: np.ndarray, device: str = "auto") -> flow.Tensor:
@@ -195,8 +193,8 @@ def place_like(array: np.ndarray, ref: flow.Tensor) -> flow.Tensor:
     """numpy value -> tensor placed and split like `ref` (every rank passes the whole value).
 
     Class-split tensors (split(0), and FC tables from [classes, ...] rows) keep only this rank's
-    rows, as `fc_weight` does. A broadcast
-    tensor gets this rank's own value, which may differ from rank 0's (see divergent_replicas)."""
+    rows, as `fc_weight` does. A broadcast tensor gets this rank's own value, which may differ
+    from rank 0's (see divergent_replicas)."""
     dtype = ref.dtype
     if not ref.is_global:
         return flow.tensor(array, dtype=dtype, device=ref.device)

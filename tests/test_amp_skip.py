@@ -22,6 +22,8 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path, spar
         # the scale (a rank-0 variable) starts at init_scale=1024, halves on the skipped step and
         # stays (growth every 2000 good steps)
         assert [s["scale"] for s in steps] == ([1024.0, 512.0, 512.0] if rank == 0 else [None] * 3)
+        if sparse:  # the FC job skipped step 2 and still gave step 3 the schedule's step index
+            assert [s["fc_job_step"] for s in steps] == ([1, 1, 3] if rank == 0 else [None] * 3)
     assert ranks[0][2]["loss"] == ranks[1][2]["loss"]  # the ranks carry on in step
 
 

@@ -158,8 +158,7 @@ class PartialFC(nn.Module):
         place = self.weight.placement
         rank_of = flow.floor_divide(labels, local)  # int64 all through: no class id merges
         position = labels - rank_of * local
-        positive = flow._C.global_constant([local], 0.0, dtype=flow.float32, placement=place, sbp=parallel.SBP_GATHERED)
-        positive = flow.scatter(positive, 0, position, constant_like(position, 1.0, flow.float32))
+        positive = self._marked(position)
         if noise is None:
             noise = flow.rand(local, placement=place, sbp=parallel.SBP_GATHERED)
         else:  # every rank's shard holds the same [local] scores (step_noise)
@@ -170,26 +169,29 @@ class PartialFC(nn.Module):
         slot_of = flow.scatter(slot_of, 0, kept, slots)
         return kept, rank_of * k + flow.index_select(slot_of, 0, position)
 
-    def kept_rows(self, kept=None):
-        """Rows of the kept centres (all without sampling): [world*k, dim] split(0), rank-major,
-        each rank's own rows gathered locally (`index_select` reads the variable itself)."""
-        table = self.weight if kept is None else flow.index_select(self.weight, 0, kept)
-        return parallel.table_rows(table)
+    @staticmethod
+    def _kept(table, kept=None):
+        """The kept positions of a table [local, world, ...] (all of it without sampling):
+        [k, world, ...] split(1), each rank gathering its own rows (for the weight, an
+        `index_select` that reads the variable itself, as the indexed-slices pass needs)."""
+        return table if kept is None else flow.index_select(table, 0, kept)
 
     def kept_pad_bias(self, kept=None):
         """The -1e4 bias of padded classes among the kept columns, [world*k] split(0), or None."""
         if self.pad_bias is None:
             return None
-        table = self.pad_bias if kept is None else flow.index_select(self.pad_bias, 0, kept)
-        return parallel.table_rows(table).view(-1)
+        return parallel.table_rows(self._kept(self.pad_bias, kept)).view(-1)
 
     def sampled_mask(self, kept):
         """[local, 1, 1] broadcast bool, True at the kept positions: selects, in the weight table
         [local, world, dim] (or its optimizer state), the rows a sparse update may change."""
-        mask = flow._C.global_constant([self.local_classes], 0.0, dtype=flow.float32,
-                                       placement=self.weight.placement, sbp=parallel.SBP_GATHERED)
-        mask = flow.scatter(mask, 0, kept, constant_like(kept, 1.0, flow.float32))
-        return mask.view(self.local_classes, 1, 1).to(flow.bool)
+        return self._marked(kept).view(self.local_classes, 1, 1).to(flow.bool)
+
+    def _marked(self, positions):
+        """[local] broadcast float: 1.0 at the given local positions, 0.0 elsewhere."""
+        marks = flow._C.global_constant([self.local_classes], 0.0, dtype=flow.float32,
+                                        placement=self.weight.placement, sbp=parallel.SBP_GATHERED)
+        return flow.scatter(marks, 0, positions, constant_like(positions, 1.0, flow.float32))
 
     # ------------------------------------------------------------------ forward
     def cosines(self, embeddings, labels, noise=None, detach_rows=False):
@@ -203,7 +205,7 @@ class PartialFC(nn.Module):
         kept = None
         if self.sampling:
             kept, labels = self.sample(labels, noise)
-        table = self.weight if kept is None else flow.index_select(self.weight, 0, kept)
+        table = self._kept(self.weight, kept)
         table = table.detach() if detach_rows else table
         rows = parallel.table_rows(table)
         xs, wn = F.normalize(embeddings, dim=1) * self.margin.scale, F.normalize(rows, dim=1)

@@ -95,6 +95,7 @@ class AmpSparseStep(GraphStep):
         self.bias_corrected = sparse_bias_correction_group(opt2)
         self.graph = AmpTrainGraph(backbone, head, opt1, sch1, amp, checkpointing, accum_steps)
         self.fc_graph = FCUpdateGraph(head, opt2, sch2)
+        self.fc_job = self.fc_graph  # (GraphStep._fc_moments reads the FC's state from it)
         self.backbone, self.head, self.placement = backbone, head, head.weight.placement
         self.scheduler = scheduler
         self.accum_steps = accum_steps
@@ -134,17 +135,11 @@ class AmpSparseStep(GraphStep):
             value = parallel.broadcast_array(np.array([step], np.int64), self.placement)
             self.fc_graph.load_state_dict({TRAIN_STEP_VAR: value}, strict=False)
             return
+        if getattr(self, "_fc_step_var", None) is None:  # the live variable, found once
+            self._fc_step_var = self.fc_graph.state_dict()[TRAIN_STEP_VAR]
         flow._oneflow_internal.eager.Sync()  # (local writes are not ordered against the jobs)
-        for name, t in self.fc_graph.state_dict().items():
-            if name == TRAIN_STEP_VAR:
-                t.to_local().fill_(step)
+        self._fc_step_var.to_local().fill_(step)
         flow._oneflow_internal.eager.Sync()
-
-    def _fc_moments(self):
-        if getattr(self, "_moments", None) is None:
-            self._moments = {n.rpartition("-")[2]: t for n, t in self.fc_graph.state_dict().items()
-                             if n.startswith("head.weight-")}
-        return self._moments
 
     def state_dict(self) -> StepperState:
         state = super().state_dict()

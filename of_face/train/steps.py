@@ -134,6 +134,7 @@ class GraphStep:
         self.bias_corrected = sparse_bias_correction_group(optimizer)  # sparse AdamW's FC group, if any
         self.graph = TrainGraph(backbone, head, optimizer, scheduler, amp, checkpointing, accum_steps,
                                 return_kept=self.bias_corrected is not None)
+        self.fc_job = self.graph  # the compiled job whose optimizer updates the FC
         self.backbone, self.head, self.placement = backbone, head, head.weight.placement  # all ranks
         self.scheduler = scheduler
         self.accum_steps = accum_steps
@@ -160,9 +161,10 @@ class GraphStep:
         return loss.mean() if self.accum_steps > 1 else loss  # one loss per micro-batch
 
     def _fc_moments(self):
-        """The graph's Adam moments of the FC weight ({"m", "v"}): its live variables, found once."""
+        """The Adam moments of the FC weight ({"m", "v"}): live variables of the job that updates
+        the FC (`fc_job`: this graph; AMP + sparse has its own, train/amp_sparse.py), found once."""
         if getattr(self, "_moments", None) is None:
-            self._moments = {n.rpartition("-")[2]: t for n, t in self.graph.state_dict().items()
+            self._moments = {n.rpartition("-")[2]: t for n, t in self.fc_job.state_dict().items()
                              if n.startswith("head.weight-")}
         return self._moments
 

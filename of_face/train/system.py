@@ -120,6 +120,5 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
     if cfg.Global.mode == "graph" and cfg.AMP.enable and head.sparse_update:
         stepper = AmpSparseStep  # the FC's sparse update outside the loss-scaled graph
     step = stepper(backbone, head, optimizer, scheduler, cfg.AMP,
-                                     checkpointing=cfg.Model.activation_checkpointing,
-                                     accum_steps=plan.accum_steps)
+                   checkpointing=cfg.Model.activation_checkpointing, accum_steps=plan.accum_steps)
     return TrainingSystem(backbone, head, optimizer, scheduler, step, plan, total, warmup)

@@ -49,6 +49,10 @@ for i in range(3):
         "loss": float(parallel.to_numpy(loss)),
         "scale": step.loss_scale(),
     })
+    if hasattr(step, "fc_graph"):  # AMP + sparse: the FC job's step counter (drives its LR schedule)
+        counter = step.fc_graph.state_dict()["System-Train-TrainStep"]
+        local = counter.to_local().numpy().reshape(-1)  # (a variable of rank 0 only, like the scale)
+        record[-1]["fc_job_step"] = int(local[0]) if local.size else None
     if i == 0:
         record[-1].update(fc=parallel.fc_rows(head.weight).tolist(), fc0=fc0, k=head.num_sample)
 json.dump(record, open(f"{out}.{r}.json", "w"))
