@@ -110,7 +110,8 @@ def _decode(entry):
 def _check_entries(path, obj) -> Tuple[list, np.ndarray]:
     """(images, issame) of an unpickled .bin, or one BinFileError naming the file and what is wrong."""
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        what = f"an object of type {type(obj).__name__}" + (f" of {len(obj)} items" if isinstance(obj, (tuple, list)) else "")
+        what = f"an object of type {type(obj).__name__}"
+        what += f" of {len(obj)} items" if isinstance(obj, (tuple, list)) else ""
         raise BinFileError(f"{path}: holds {what}; {_EXPECTED}: 2 x P encoded images and P bool labels")
     bins, issame = obj
     if not isinstance(bins, (list, tuple)):
