@@ -21,6 +21,8 @@ import os
 import sys
 from typing import List, Optional
 
+from of_face.errors import ToolError, one_line_errors
+
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -40,12 +42,19 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(__doc__.strip(), file=sys.stderr)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     module_name, _, func = commands[argv[0]].partition(":")
-    module = __import__(module_name, fromlist=[func or "main"])
-    rc = getattr(module, func or "main")(argv[1:])
+
+    def command(args: List[str]) -> int:
+        module = __import__(module_name, fromlist=[func or "main"])
+        return getattr(module, func or "main")(args)
+
+    from of_face.errors import run_command
+
+    rc = run_command(command, argv[1:])  # any failure: one `error:` line, exit 2 (input) or 1 (runtime)
     if rc:  # commands that return a non-zero status exit with it
         sys.exit(rc)
 
 
+@one_line_errors
 def import_main(argv: List[str]) -> int:
     """`of-face import`: an arcface_torch state dict (.pth, no PyTorch needed) or an insightface ONNX
     (IResNet / MobileFaceNet) -> a normal backbone.npz, plus a config.yaml with its Model section
@@ -56,18 +65,20 @@ def import_main(argv: List[str]) -> int:
     ap.add_argument("-o", "--override", action="append", default=[], help="Section.key=value (e.g. Model.width=32)")
     ap.add_argument("--out", required=True, help="output backbone.npz (or a folder to write backbone.npz into)")
     args = ap.parse_args(argv)
-    from of_face.config import ConfigError, load_config, save_config
+    from of_face.config import load_config, save_config
+    from of_face.io import check_output
     from of_face.models import build_backbone
     from of_face.models.interop import import_state
     from of_face.models.weights import BACKBONE_FILE, write_backbone
 
     out = os.path.join(args.out, BACKBONE_FILE) if os.path.isdir(args.out) else args.out
-    try:
-        cfg = load_config(None, [f"Model.name={args.model}", *args.override])
-        state = import_state(args.src, build_backbone(cfg.Model))
-    except (ConfigError, ValueError) as e:  # WeightsFileError is a ValueError: one line, no traceback
-        print(f"of-face import: {e}", file=sys.stderr)
-        return 2
+    check_output(out, "--out", "backbone.npz")
+    if not os.path.isfile(args.src):
+        raise ToolError(f"{args.src}: {'is a folder' if os.path.isdir(args.src) else 'not found'}; expected an "
+                        "arcface_torch .pth state dict or an insightface .onnx file")
+    # a refused config value or weights file (ConfigError, WeightsFileError: ValueErrors) is one line
+    cfg = load_config(None, [f"Model.name={args.model}", *args.override])
+    state = import_state(args.src, build_backbone(cfg.Model))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_backbone(state, out)
     config = os.path.join(os.path.dirname(os.path.abspath(out)), "config.yaml")

@@ -258,14 +258,15 @@ def load_config(path=None, overrides=()):
     raw = {}
     if path is not None:
         if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
+            where = "" if os.path.isabs(path) else f" (looked for {os.path.abspath(path)})"
+            raise ConfigError(f"config file not found: {path}{where}")
         with open(path) as f:
             try:
                 raw = strict_yaml.load(f) or {}
             except strict_yaml.DuplicateKeyError as e:
                 raise ConfigError(str(e)) from None
             except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({e})") from None
+                raise ConfigError(strict_yaml.one_line(path, e)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides:

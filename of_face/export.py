@@ -38,7 +38,8 @@ from of_face import checkpoint
 from of_face.models.weights import BACKBONE_FILE, load_backbone, load_backbone_state
 from of_face.config import Config, ModelCfg, load_config
 from of_face.data.loader import normalize
-from of_face.io import atomic_path
+from of_face.errors import INPUT, ToolError, one_line_errors
+from of_face.io import atomic_path, check_output
 from of_face.models import build_backbone
 from of_face.onnx_surgery import (INPUT_NAME, MEAN, OUTPUT_NAME, STD, ExportError, _rename_value, add_normalization,
                                    fix_converter_output, flow_ops, make_batch_dynamic)
@@ -49,6 +50,8 @@ IMAGE_SIZE = 112
 # the supported backbones (112 = 16 * 7, 144 tokens, powers-of-two widths), so the one entry of a
 # Reshape target that is a multiple of it is the one carrying the batch.
 TRACE_BATCH = 11
+# opsets oneflow-onnx 0.6.2 converts to (its newest handlers are for opset 16; its default is 10)
+OPSETS = range(10, 17)
 
 
 # --------------------------------------------------------------------------- checkpoint + config
@@ -175,7 +178,7 @@ def _check_convertible(ops, opset, model_name):
         hint = f"; use --opset {higher[0]} or higher" if higher else ""
         flow_op.CreateMapping(opset, None)
         raise ExportError(f"oneflow-onnx cannot convert the OneFlow op(s) {', '.join(missing)} of {model_name} "
-                          f"at opset {opset}{hint}")
+                          f"at opset {opset}{hint}", code=INPUT)
 
 
 def export_onnx(run_dir_or_checkpoint, out_path, config=None, opset=11, bake_normalization=False,
@@ -184,6 +187,9 @@ def export_onnx(run_dir_or_checkpoint, out_path, config=None, opset=11, bake_nor
 
     Nothing is written at `out_path` unless conversion and the parity check both succeed.
     """
+    if opset not in OPSETS:
+        raise ToolError(f"--opset {opset}: oneflow-onnx converts to opsets {OPSETS[0]}..{OPSETS[-1]} (default 11)")
+    check_output(out_path, "--out", ".onnx file")
     import onnx
     from oneflow_onnx.oneflow2onnx.flow2onnx import Export
 
@@ -253,6 +259,7 @@ def _quiet(fn, *args, **kwargs):
         logging.getLogger().setLevel(level)
 
 
+@one_line_errors
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="of-face export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -270,14 +277,13 @@ def main(argv=None):
     if "-o" in argv:  # the flags of older versions: -c RUN -o OUT.onnx
         ap.error("-o means a config override in of-face, not an output: use --checkpoint RUN --out OUT.onnx")
     args = ap.parse_args(argv)
-    batches = tuple(int(b) for b in args.check_batches.split(",") if b.strip())
     try:
-        r = export_onnx(args.checkpoint, args.out, config=args.config, opset=args.opset,
-                        bake_normalization=args.bake_normalization, batch_for_check=batches,
-                        tolerance=args.tolerance, verbose=args.verbose)
-    except (ExportError, FileNotFoundError, ValueError) as e:  # (CheckpointError is a ValueError)
-        print(f"export failed: {e}", file=sys.stderr)
-        return 1
+        batches = tuple(int(b) for b in args.check_batches.split(",") if b.strip())
+    except ValueError:
+        raise ToolError(f"--check-batches {args.check_batches}: expected batch sizes like 1,3,17") from None
+    r = export_onnx(args.checkpoint, args.out, config=args.config, opset=args.opset,
+                    bake_normalization=args.bake_normalization, batch_for_check=batches,
+                    tolerance=args.tolerance, verbose=args.verbose)
     diffs = ", ".join(f"batch {n}: {d:.2e}" for n, d in r["max_abs_diff"].items())
     print(f"wrote {r['path']} from {r['checkpoint']} (opset {r['opset']}, input '{INPUT_NAME}' [N,3,112,112], output "
           f"'{OUTPUT_NAME}' [N,{r['embedding_size']}], normalisation "

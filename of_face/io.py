@@ -18,7 +18,10 @@ import errno
 import os
 import re
 import shutil
+import tempfile
 from typing import IO, Iterator, List, Union
+
+from of_face.errors import RUNTIME, ToolError
 
 PathLike = Union[str, "os.PathLike[str]"]
 # `.<name>.tmp<pid>`: a hidden name that still says which file it will become
@@ -123,3 +126,24 @@ def remove_stale_temporaries(folder: PathLike, only_dead: bool = False) -> List[
             except OSError:
                 pass
     return removed
+
+
+def check_output(path: PathLike, flag: str, what: str = "file") -> None:
+    """Refuse an output path that cannot be written, before any slow work: a folder given for a
+    file, a path through a file (exit code 2), or a folder (or its nearest existing parent, for
+    folders still to be made) where no file can be created (exit code 1)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise ToolError(f"{flag} {path}: is a folder; expected the {what} to write")
+    folder = os.path.dirname(path)
+    while not os.path.exists(folder):  # folders still to be made go into the nearest existing one
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ToolError(f"{flag} {path}: {folder} is a file, not a folder; expected a path in a folder")
+    try:  # os.access says yes to root on a read-only mount: create a file to know
+        fd, probe = tempfile.mkstemp(prefix=".of_face_probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ToolError(f"{flag} {path}: cannot write in {folder} ({e.strerror}); expected a writable folder",
+                        code=RUNTIME) from None

@@ -9,14 +9,19 @@ Anything that cannot be rewritten safely raises ExportError naming the node.
 """
 import numpy as np
 
+from of_face.errors import RUNTIME, ToolError
+
 INPUT_NAME = "input"
 OUTPUT_NAME = "embedding"
 BATCH_DIM = "N"
 MEAN, STD = 127.5, 127.5  # (x - 127.5) / 127.5 == (x / 255 - 0.5) / 0.5
 
 
-class ExportError(RuntimeError):
-    """Export failed (conversion, a batch-size dependency left in the graph, or a parity miss)."""
+class ExportError(ToolError):
+    """Export failed (conversion, a batch-size dependency left in the graph, or a parity miss): a
+    runtime failure (exit code 1) unless raised with code 2 for a refused argument."""
+
+    code = RUNTIME
 
 
 def _rename_value(graph, old, new):

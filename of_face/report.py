@@ -10,16 +10,26 @@ import argparse
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import yaml
+
+from of_face.errors import one_line_errors
+from of_face.strict_yaml import one_line
 
 # the metrics schema, readers and plots live with the writer; re-exported here for callers
 from of_face.train.metrics import (CONFIG_FILE, METRICS_FILE, PLOTS, RunError, check_run,  # noqa: F401
                                    make_figures, plot_run, read_metrics, series, timeline)
 
 # --------------------------------------------------------------------------- info
+
+
+def _read_yaml(path):
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise RunError(one_line(path, e)) from None
 
 
 def _size(path):
@@ -64,8 +74,7 @@ def summarize(out_dir):
     cfg_path, metrics_path = os.path.join(out_dir, CONFIG_FILE), os.path.join(out_dir, METRICS_FILE)
     cfg = {}
     if os.path.isfile(cfg_path):
-        with open(cfg_path) as f:
-            cfg = yaml.safe_load(f) or {}
+        cfg = _read_yaml(cfg_path)
     rows = timeline(read_metrics(metrics_path)) if os.path.isfile(metrics_path) else []
     losses = [r for r in rows if r["kind"] == "loss"]
     best = {}
@@ -151,8 +160,7 @@ def format_info(s):
 def config_file_info(path):
     """`of-face info CONFIG.yaml`: the config's highlights; a model-zoo file named `..._<N>n<G>c_...`
     (PLSC's nodes x GPUs) also gets its global batch on N*G ranks."""
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
+    cfg = _read_yaml(path)
     if not isinstance(cfg, dict):
         raise RunError(f"{path}: expected a mapping of config sections")
     layout = re.search(r"_(\d+)n(\d+)c_", os.path.basename(path))
@@ -167,27 +175,21 @@ def _parse(argv, prog, text):
     return p.parse_args(argv)
 
 
+@one_line_errors
 def plot_main(argv=None):
     args = _parse(argv, "plot", "Write loss.png, lr.png and verification.png from a run's metrics.csv")
-    try:
-        written = plot_run(args.run_dir)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    written = plot_run(args.run_dir)
     for path in written.values():
         print(path)
     return 0
 
 
+@one_line_errors
 def info_main(argv=None):
     args = _parse(argv, "info", "Summarise a training run (config, progress, best verification, checkpoints) "
                   "or a config file")
-    try:
-        if os.path.isfile(args.run_dir) and args.run_dir.endswith((".yaml", ".yml")):
-            print(config_file_info(args.run_dir))
-        else:
-            print(format_info(summarize(args.run_dir)))
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if os.path.isfile(args.run_dir) and args.run_dir.endswith((".yaml", ".yml")):
+        print(config_file_info(args.run_dir))
+    else:
+        print(format_info(summarize(args.run_dir)))
     return 0

@@ -34,3 +34,13 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _s
 def load(stream: IO) -> Any:
     """yaml.safe_load, but a key repeated within one mapping raises DuplicateKeyError."""
     return yaml.load(stream, Loader=_StrictLoader)
+
+
+def one_line(path, exc: yaml.YAMLError) -> str:
+    """A YAML syntax error as one line naming the file, line and column (PyYAML's own text spans
+    several lines: the context, the problem and a caret under each)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{path}: {where}not valid YAML: {problem}" + (f" ({context})" if context else "")

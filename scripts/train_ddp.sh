@@ -10,10 +10,14 @@
 #   NNODES=2 NODE_RANK=1 MASTER=10.0.0.1:12538 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 bash scripts/train_ddp.sh -c ...
 # Processes per node: NPROC_PER_NODE if set; else one per GPU in CUDA_VISIBLE_DEVICES, or one per
 # GPU that nvidia-smi lists when that is unset; else (no GPU) 2.
+#
+# Relative paths (-c, paths in -o values and in the config: Data.root, Global.output_dir, ...)
+# are taken from the folder this script is run in, not from the repository: the script does not
+# change directory. Without -c it trains configs/default.yaml of this repository.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 
-PY=${PYTHON:-$(bash scripts/setup.sh)}
+PY=${PYTHON:-$(bash "$REPO/scripts/setup.sh")}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER=${MASTER:-127.0.0.1:12538}
@@ -28,7 +32,7 @@ else
     NPROC=2
 fi
 ARGS=("$@")
-[[ " $* " == *" -c "* || " $* " == *" --config "* ]] || ARGS=(-c configs/default.yaml "${ARGS[@]}")
+[[ " $* " == *" -c "* || " $* " == *" --config "* ]] || ARGS=(-c "$REPO/configs/default.yaml" "${ARGS[@]}")
 
 # Pre-flight: the master's port must be free on node 0, where OneFlow's control server binds it
 # (a taken port otherwise ends in a C++ stack trace from every process, or a hang).
@@ -44,6 +48,6 @@ except OSError as e:
     fi
 fi
 echo "launching $NPROC process(es) on node $NODE_RANK of $NNODES (master $MASTER)" >&2
-exec "$PY" -m of_face.train.launch \
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" exec "$PY" -m of_face.train.launch \
     --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC" --master "$MASTER" \
     "${ARGS[@]}"

@@ -2,7 +2,7 @@
 
 Layer order (docs/ARCHITECTURE.md; a module may import its own layer and lower ones):
 
-    0 base    of_face/__init__, _libs, parallel, io, scoring, strict_yaml, device
+    0 base    of_face/__init__, _libs, parallel, io, scoring, strict_yaml, device, errors
     1 data    of_face/data/*
     2 models  of_face/models/*
     3 heads   of_face/heads/*
@@ -25,7 +25,7 @@ LAYERS = ["base", "data", "models", "heads", "config", "train", "export", "eval"
 # module (dotted) or package prefix (ending in ".") -> layer name; the longest match wins
 RANKS = {
     "of_face": "base", "of_face._libs": "base", "of_face.parallel": "base", "of_face.io": "base",
-    "of_face.scoring": "base", "of_face.strict_yaml": "base", "of_face.device": "base",
+    "of_face.scoring": "base", "of_face.strict_yaml": "base", "of_face.device": "base", "of_face.errors": "base",
     "of_face.data.": "data", "of_face.data": "data",
     "of_face.models.": "models", "of_face.models": "models",
     "of_face.heads.": "heads", "of_face.heads": "heads",

@@ -17,12 +17,12 @@ everywhere:
       training checkpoint (its stored config); training normalisation. The one used is printed.
 """
 import argparse
-import functools
 import os
-import sys
 from typing import Callable, Optional
 
 import numpy as np
+
+from of_face.errors import one_line_errors  # noqa: F401  (re-exported: the commands' one error line)
 
 Embedder = Callable[[np.ndarray], np.ndarray]
 DEFAULT_MEAN = DEFAULT_STD = 127.5
@@ -95,17 +95,3 @@ def embedder_from_args(args: argparse.Namespace) -> Embedder:
     return make_embedder(model, checkpoint, config=getattr(args, "config", None), mean=getattr(args, "mean", None),
                          std=getattr(args, "std", None), threads=getattr(args, "threads", None),
                          device=getattr(args, "device", "cpu"))
-
-
-def one_line_errors(main: Callable[..., int]) -> Callable[..., int]:
-    """Wrap an evaluation command: a missing or unreadable file, a bad value or an unusable device
-    ends it with one `error: ...` line on stderr and exit status 1, not a traceback."""
-    @functools.wraps(main)
-    def run(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except (ValueError, OSError) as e:
-            text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
-            print(f"error: {text}", file=sys.stderr)
-            return 1
-    return run

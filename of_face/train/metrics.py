@@ -14,9 +14,12 @@ drawn with matplotlib's Agg canvas (no display needed, no pyplot) and written at
 Imports neither OneFlow nor matplotlib at module level: cheap to import beside a training job.
 """
 import csv
+import io
 import os
-from typing import Dict, List, Tuple
+import sys
+from typing import Callable, Dict, List, Tuple
 
+from of_face.errors import ToolError
 from of_face.io import atomic_write
 
 METRICS_FILE = "metrics.csv"
@@ -30,8 +33,9 @@ _INT = ("step", "epoch", "total_steps")
 _FLOAT = ("value", "loss_ema", "lr", "scale", "samples_per_s", "eta_s", "std")
 
 
-class RunError(Exception):
-    """A folder that is not (yet) a usable run; one message naming the folder."""
+class RunError(ToolError):
+    """A folder that is not (yet) a usable run, or a metrics.csv that cannot be read; one message
+    naming the folder or file (exit code 2)."""
 
 
 class MetricsCSV:
@@ -65,19 +69,47 @@ def check_run(out_dir: str) -> None:
         raise RunError(f"{out_dir}: not an of_face run folder ({what})")
 
 
-def read_metrics(path: str) -> List[Dict[str, object]]:
-    """metrics.csv rows in file order, numbers parsed (empty cells -> None)."""
+def _complete_text(path: str, warn: Callable[[str], None]) -> str:
+    """metrics.csv's text up to its last complete row: a run killed mid-append leaves a partial last
+    row, or NUL bytes where the file grew but the data never reached the disk."""
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.find(b"\0")
+    kept = data if end < 0 else data[:end]
+    if kept and not kept.endswith(b"\n"):
+        kept = kept[:kept.rfind(b"\n") + 1]
+    if len(kept) < len(data):
+        what = "NUL bytes" if end >= 0 else "a partial last row"
+        line = kept.count(b"\n") + 1
+        warn(f"warning: {path}: cut short at line {line} ({what}: a run that crashed while writing it?); "
+             f"reading the {max(line - 2, 0)} complete row(s) before it")
+    return kept.decode("utf-8", "replace")
+
+
+def _warn(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def read_metrics(path: str, warn: Callable[[str], None] = _warn) -> List[Dict[str, object]]:
+    """metrics.csv rows in file order, numbers parsed (empty cells -> None). A file cut by a crash
+    is read up to its last complete row (`warn` says so); a cell that is not a number raises
+    RunError naming the file, line, column and value."""
     rows = []
-    with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            row = {"kind": raw.get("kind") or ""}
-            for k in _INT:
-                v = raw.get(k)
-                row[k] = int(float(v)) if v not in (None, "") else None
-            for k in _FLOAT:
-                v = raw.get(k)
-                row[k] = float(v) if v not in (None, "") else None
-            rows.append(row)
+    reader = csv.DictReader(io.StringIO(_complete_text(path, warn), newline=""))
+    for raw in reader:
+        line = reader.line_num
+        if None in raw:
+            raise RunError(f"{path}: line {line} has {len(FIELDS) + len(raw[None])} fields, expected at most "
+                           f"{len(FIELDS)} ({','.join(FIELDS)})")
+        row = {"kind": raw.get("kind") or ""}
+        for k in _INT + _FLOAT:
+            v = raw.get(k)
+            try:
+                row[k] = None if v in (None, "") else (int(float(v)) if k in _INT else float(v))
+            except ValueError:
+                raise RunError(f"{path}: line {line}, column {k}: {v!r} is not a number; expected a number or "
+                               "an empty cell") from None
+        rows.append(row)
     return rows
 
 
