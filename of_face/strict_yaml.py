@@ -42,5 +42,7 @@ def one_line(path, exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    context = getattr(exc, "context", None)
+    context, opened = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and opened is not None and opened is not mark:  # where the unclosed thing began
+        context += f" that starts at line {opened.line + 1}, column {opened.column + 1}"
     return f"{path}: {where}not valid YAML: {problem}" + (f" ({context})" if context else "")

@@ -1,5 +1,5 @@
-"""Evaluation commands: one `error:` line for a missing or unreadable model, .bin or IJB layout
-(every missing meta/ file named at once), --device cuda refused clearly without the CUDA
+"""Evaluation commands: one `error:` line and exit status 2 (a refused input) for a missing or
+unreadable model, .bin or IJB layout (every missing meta/ file named at once), --device cuda refused clearly without the CUDA
 onnxruntime / GPU, the normalisation read from an of_face export's metadata, and compare's
 warnings for an uncalibrated threshold and for flat images."""
 import io
@@ -67,26 +67,26 @@ def test_help_says_which_normalisation(capsys):
 
 def test_missing_model_and_checkpoint(capsys, tmp_path):
     code, _, err = run(capsys, ["verify", "--model", str(tmp_path / "nope.onnx"), "--bin", "x.bin"])
-    assert code == 1 and err == [f"error: {tmp_path / 'nope.onnx'}: not found (--model: ONNX file)"]
+    assert code == 2 and err == [f"error: {tmp_path / 'nope.onnx'}: not found (--model: ONNX file)"]
     code, _, err = run(capsys, ["ijbc", "--checkpoint", str(tmp_path / "run"), "--image-path", str(tmp_path)])
-    assert code == 1 and err == [f"error: {tmp_path / 'run'}: not found (--checkpoint: run folder or backbone.npz)"]
+    assert code == 2 and err == [f"error: {tmp_path / 'run'}: not found (--checkpoint: run folder or backbone.npz)"]
 
 
 def test_model_that_is_not_onnx(capsys, tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_text("not a model")
     code, _, err = run(capsys, ["verify", "--model", str(bad), "--bin", "x.bin"])
-    assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {bad}: ")
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {bad}: ")
 
 
 def test_missing_and_unreadable_bin(capsys, tmp_path):
     model = tiny_onnx(tmp_path / "m.onnx")
     code, _, err = run(capsys, ["verify", "--model", str(model), "--bin", str(tmp_path / "lfw.bin")])
-    assert code == 1 and err == [f"error: {tmp_path / 'lfw.bin'}: No such file or directory"]
+    assert code == 2 and err == [f"error: {tmp_path / 'lfw.bin'}: No such file or directory"]
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"<html>")
     code, _, err = run(capsys, ["verify", "--model", str(model), "--bin", str(junk)])
-    assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {junk}: not a readable verification .bin")
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {junk}: not a readable verification .bin")
 
 
 def test_all_missing_meta_files_at_once(capsys, tmp_path):
@@ -95,7 +95,7 @@ def test_all_missing_meta_files_at_once(capsys, tmp_path):
     (layout / "meta").mkdir(parents=True)
     (layout / "meta" / "ijbc_face_tid_mid.txt").write_text("1.jpg 1 1\n")
     code, _, err = run(capsys, ["ijbc", "--model", str(model), "--image-path", str(layout)])
-    assert code == 1 and len(err) == 1
+    assert code == 2 and len(err) == 1
     assert err[0].startswith(f"error: {layout}: missing meta/ijbc_name_5pts_score.txt, "
                              "meta/ijbc_template_pair_label.txt, loose_crop (an IJBC layout")
 
@@ -104,7 +104,7 @@ def test_device_cuda_without_cuda_onnxruntime(capsys, tmp_path, monkeypatch):
     model = tiny_onnx(tmp_path / "m.onnx")
     monkeypatch.setattr(onnx_embedder.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     code, _, err = run(capsys, ["verify", "--model", str(model), "--bin", "x.bin", "--device", "cuda"])
-    assert code == 1 and len(err) == 1
+    assert code == 2 and len(err) == 1
     assert "--device cuda: this onnxruntime" in err[0] and "install onnxruntime-gpu==" in err[0]
     monkeypatch.setattr(onnx_embedder.ort, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
@@ -116,7 +116,7 @@ def test_device_cuda_checkpoint_without_gpu(capsys, tmp_path, monkeypatch):
     (tmp_path / "run").mkdir()
     code, _, err = run(capsys, ["verify", "--checkpoint", str(tmp_path / "run"), "--bin", "x.bin",
                                 "--device", "cuda"])
-    assert code == 1 and len(err) == 1 and "OneFlow sees no CUDA GPU" in err[0]
+    assert code == 2 and len(err) == 1 and "OneFlow sees no CUDA GPU" in err[0]
 
 
 def test_compare_warns_on_flat_images_and_uncalibrated_threshold(capsys, tmp_path):

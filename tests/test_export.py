@@ -232,10 +232,10 @@ def test_corrupted_checkpoint_leaves_no_file(exported, tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         export_onnx(wrong, out_dir / "model.onnx")
     assert list(out_dir.iterdir()) == []
-    # The CLI reports it with a non-zero status and no file either.
+    # The CLI reports it with exit status 2 (a refused input) and no file either.
     from of_face.export import main
 
-    assert main(["--checkpoint", str(bad), "--out", str(out_dir / "cli.onnx")]) == 1
+    assert main(["--checkpoint", str(bad), "--out", str(out_dir / "cli.onnx")]) == 2
     assert list(out_dir.iterdir()) == []
 
 

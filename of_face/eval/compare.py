@@ -32,7 +32,7 @@ from PIL import Image
 from of_face.data.verification_bin import load_bin
 from of_face.eval.embedders import add_model_args, embedder_from_args, one_line_errors
 from of_face.eval.verification import verify_bin
-from of_face.io import atomic_write
+from of_face.io import atomic_write, check_output
 from of_face.scoring import flip_embed, l2_normalize
 
 # Cosine threshold used when neither --threshold nor --calibrate-bin is given. It is the midpoint
@@ -158,10 +158,13 @@ def embed_main(argv=None):
                          "without it the cosine matrix is printed")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
+    out = None
+    if args.out:  # an unwritable output is found before the model runs
+        out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+        check_output(out, "--out", ".npy file")
     landmarks = read_landmarks(args.landmarks) if args.landmarks else None
     emb = embed_files(args.images, embedder_from_args(args), landmarks, args.batch_size)
-    if args.out:
-        out = args.out if args.out.endswith(".npy") else args.out + ".npy"
+    if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(out) as f:
             np.save(f, emb)

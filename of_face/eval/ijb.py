@@ -19,7 +19,7 @@ from sklearn.metrics import auc, roc_curve
 
 from of_face.eval.align import align_face
 from of_face.eval.embedders import add_model_args, embedder_from_args, one_line_errors
-from of_face.io import atomic_write
+from of_face.io import atomic_write, check_output
 from of_face.scoring import flip_embed, interp_step
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -259,6 +259,8 @@ def main(argv=None, prog: str = "of-face ijbc") -> int:
     ap.add_argument("--no-detector-score", action="store_true", help="ignore faceness scores (D0)")
     ap.add_argument("--no-flip", action="store_true", help="no flipped-image feature (F0)")
     args = ap.parse_args(argv)
+    if args.result_dir:  # an unwritable result folder is found now, not after embedding every image
+        check_output(os.path.join(args.result_dir, "scores.npy"), "--result-dir", "results")
     result = evaluate_ijb(args.image_path, embedder_from_args(args), target=args.target, batch_size=args.batch_size,
                           use_norm_score=not args.no_norm_score, use_detector_score=not args.no_detector_score,
                           use_flip_test=not args.no_flip, workers=args.workers, result_dir=args.result_dir)

@@ -19,6 +19,8 @@ def verify_bin(path, embed_fn, batch_size: int = 64, nfolds: int = 10) -> dict:
     separately, as arcface_torch logs it); `xnorm` is the norm of their sum, about twice that.
     """
     images, issame = load_bin(path)
+    if len(issame) < nfolds:  # KFold's own message would not name the file
+        raise ValueError(f"{path}: {len(issame)} pairs; the {nfolds}-fold protocol needs at least {nfolds}")
     plain, flipped = flip_embed(embed_fn, images, batch_size, return_parts=True)
     result = evaluate(plain + flipped, issame, nfolds=nfolds)
     single = np.linalg.norm(np.concatenate([plain, flipped]).astype(np.float64), axis=1)

@@ -29,13 +29,19 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional, Tuple
+from collections import deque
+from typing import Deque, List, Optional, Tuple
 
 from of_face._libs import process_env
 from of_face.train.errors import CODE_PREFIX, ERROR_PREFIX  # what a failing rank writes (errors.fail)
 
 # printed by every OneFlow import on a machine without InfiniBand: not news, once per rank
 NOISE = ("libibverbs not available",)
+# A rank's stderr line is held this long before it is forwarded. When a rank dies (kill -9, a
+# native crash), its peers notice the lost connection within milliseconds and OneFlow aborts them
+# natively with a C++ `Check failure stack trace`; the launcher learns of the death about as fast
+# (a thread waits on each rank), and drops what is still held: the user sees the one line.
+HOLD_S = 0.5
 
 
 class _Rank:
@@ -46,9 +52,11 @@ class _Rank:
         self.proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True)
         self.errors: List[Tuple[float, str]] = []  # (arrival time, line)
         self.code: Optional[int] = None  # the exit code the rank announced with its error line
-        self.quiet = threading.Event()  # set once another rank failed: its noise is a consequence
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
+        # waitpid in a thread: a death is seen at once, not at the next poll
+        self.waiter = threading.Thread(target=self._wait, daemon=True)
+        self.waiter.start()
 
     def _read(self):
         for raw in iter(self.proc.stderr.readline, b""):
@@ -58,9 +66,12 @@ class _Rank:
             elif line.startswith(ERROR_PREFIX):
                 self.errors.append((time.monotonic(), line.rstrip("\n")))
                 self.run.failed(self)
-            elif not self.quiet.is_set() and not line.startswith(NOISE):
-                sys.stderr.write(line)
-                sys.stderr.flush()
+            elif not line.startswith(NOISE):
+                self.run.output(self, line)
+
+    def _wait(self):
+        if self.proc.wait() != 0:
+            self.run.failed(self, exited=True)
 
     def kill(self):
         try:
@@ -72,26 +83,52 @@ class _Rank:
 class _Run:
     """The ranks of this node; the first to fail ends them all at once. A failing rank announces
     its exit code and error line, then waits: every rank is killed before any notices a lost peer
-    and adds native-abort noise of its own."""
+    and adds native-abort noise of its own. The ranks' other stderr lines pass through a short
+    hold (HOLD_S); on a failure the other ranks' held lines are dropped, the failing rank's
+    (a traceback that says why it exited) still forwarded."""
 
-    def __init__(self):
+    def __init__(self, hold: float = HOLD_S):
         self.ranks: List[_Rank] = []
         self.first: Optional[_Rank] = None
+        self.spared: Optional[_Rank] = None  # the rank whose output still counts after a failure
         self.lock = threading.Lock()
+        self.hold = hold
+        self.held: Deque[Tuple[float, _Rank, str]] = deque()
+        self.flusher = threading.Thread(target=self._flush_loop, daemon=True)
+        self.flusher.start()
+
+    def output(self, rank: _Rank, line: str) -> None:
+        with self.lock:
+            if self.first is None or rank is self.spared:
+                self.held.append((time.monotonic(), rank, line))
+
+    def flush(self, older_than: Optional[float] = None) -> None:
+        """Forward the held lines (all, or those that arrived before `older_than`)."""
+        with self.lock:
+            while self.held and (older_than is None or self.held[0][0] <= older_than):
+                _, rank, line = self.held.popleft()
+                if self.first is None or rank is self.spared:
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def _flush_loop(self):
+        while True:
+            time.sleep(0.05)
+            self.flush(time.monotonic() - self.hold)
 
     def failed(self, rank: _Rank, exited: bool = False) -> None:
         """`rank` reported an error line (it waits to be killed too, see CODE_PREFIX), or `exited`
-        non-zero without one: then what it wrote last (a traceback) is still to be forwarded."""
+        non-zero without one (a traceback, or a signal). What it wrote is still forwarded; what
+        the others wrote in the last HOLD_S and from now on is dropped: their reaction to it."""
         with self.lock:
             if self.first is not None:
                 return
-            self.first = rank
-        self.stop(spare=rank if exited else None)
+            self.first, self.spared = rank, rank
+            self.held = deque(item for item in self.held if item[1] is rank)
+        self.stop()
 
-    def stop(self, spare: Optional[_Rank] = None) -> None:
+    def stop(self) -> None:
         for r in self.ranks:
-            if r is not spare:
-                r.quiet.set()
             r.kill()
 
 
@@ -115,17 +152,20 @@ def watch(run: _Run, poll: float = 0.05) -> int:
         if all(r.proc.poll() == 0 for r in ranks):
             for r in ranks:
                 r.reader.join(timeout=5)
+            run.flush()
             return 0
         time.sleep(poll)
     failed = run.first
     for r in ranks:
         r.reader.join(timeout=5)
         r.proc.wait()
+    run.flush()  # the failing rank's own last words (a traceback), if it exited by itself
     code = failed.code if failed.code is not None else failed.proc.returncode
     lines = list(dict.fromkeys(line for _, line in failed.errors))
     # another rank's line counts if it came no later than the failing rank's own: later ones are
-    # consequences of that rank's failure (a peer lost inside a collective)
-    until = failed.errors[0][0] if failed.errors else time.monotonic()
+    # consequences of that rank's failure (a peer lost inside a collective); a rank that died
+    # without a line was the first to fail, so any other rank's line is a consequence
+    until = failed.errors[0][0] if failed.errors else float("-inf")
     if not lines:
         if code < 0:
             lines = [f"{ERROR_PREFIX}rank {failed.rank} was killed by {_signal_name(code)} (a native crash "
