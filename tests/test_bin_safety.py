@@ -240,3 +240,11 @@ def test_hostile_and_wrong_bins_in_verify(tmp_path):
     write_bin(good, [_png()] * 20, [True, False] * 5)
     proc = verify(model, good)
     assert proc.returncode == 0 and "good: " in proc.stdout and "10 pairs" in proc.stdout, proc.stderr
+
+
+def test_too_few_pairs_for_ten_folds_in_training(faces, tmp_path):
+    out = tmp_path / "run"
+    proc = train(faces, out, "synth_val")  # the fixture's set: 2 pairs
+    one_error_line(proc, 2, ["Data.val_targets", str(faces / "synth_val.bin"),
+                             "2 pairs; the 10-fold protocol needs at least 10"])
+    nothing_trained(proc, out)

@@ -205,7 +205,7 @@ def test_embed_with_landmarks_recovers_the_original_crop(glint, ref, tmp_path, c
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         cli(["embed", str(loose), *MFN])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2  # a refused input
     assert "not an aligned 112x112 crop" in capsys.readouterr().err
 
 

@@ -1,7 +1,7 @@
 """Evaluation commands: one `error:` line and exit status 2 (a refused input) for a missing or
-unreadable model, .bin or IJB layout (every missing meta/ file named at once), --device cuda refused clearly without the CUDA
-onnxruntime / GPU, the normalisation read from an of_face export's metadata, and compare's
-warnings for an uncalibrated threshold and for flat images."""
+unreadable model, .bin or IJB layout (every missing meta/ file named at once), --device cuda
+refused clearly without the CUDA onnxruntime / GPU, the normalisation read from an of_face
+export's metadata, and compare's warnings for an uncalibrated threshold and for flat images."""
 import io
 
 import numpy as np

@@ -3,7 +3,8 @@ expected, exit status 2 (input refused) or 1 (runtime), no traceback, nothing wr
 
 Cases: `of-face export` to a read-only folder, to a path through a file, to a folder, with
 `--opset 23` (all refused before the checkpoint is even read: the checkpoint given does not
-exist, so the line proves the order), `embed --out` and `ijbc --result-dir` the same way; `of-face import` with a bad file and a bad --out;
+exist, so the line proves the order), `embed --out` and `ijbc --result-dir` the same way;
+`of-face import` with a bad file and a bad --out;
 `of-face plot` on a metrics.csv with a non-number; `of-face info` on a metrics.csv cut by a crash
 (NUL bytes, a partial last row: read up to the last complete row, with a warning); a YAML syntax
 error on one line with its line and column (the launcher, before any rank); `scripts/train_ddp.sh`

@@ -22,6 +22,9 @@ from of_face.scoring import evaluate, flip_embed
 from of_face.train.steps import EmbedGraph
 
 
+NFOLDS = 10  # insightface's verification protocol
+
+
 class Verifier:
     def __init__(self, cfg, backbone):
         self.backbone = backbone
@@ -43,6 +46,10 @@ class Verifier:
                 raise ConfigError(f"Data.val_targets: {path} not found") from None
             except ValueError as e:
                 raise ConfigError(f"Data.val_targets: {e}") from None
+            pairs = len(self._sets[name][1])
+            if pairs < NFOLDS:  # the 10-fold protocol: refused now, not at the first verification
+                raise ConfigError(f"Data.val_targets: {path}: {pairs} pairs; the {NFOLDS}-fold protocol needs "
+                                  f"at least {NFOLDS}")
         self._graph = None
 
     def embed(self, images_uint8):
@@ -77,7 +84,7 @@ class Verifier:
                 self._sets[name] = load_bin(path)
             images, issame = self._sets[name]
             plain, flipped = flip_embed(self.embed, images, batch_size=len(images), return_parts=True)
-            r = evaluate(plain + flipped, issame, nfolds=10)
+            r = evaluate(plain + flipped, issame, nfolds=NFOLDS)
             # XNorm as insightface logs it: the mean norm of the single (not flip-summed) embeddings,
             # as eval/verification.py reports it (`xnorm_single` there)
             single = np.linalg.norm(np.concatenate([plain, flipped]).astype(np.float64), axis=1)
