@@ -61,8 +61,9 @@ def launch(args, nproc=2, timeout=600, cwd=REPO, env=None, check=True):
         # A rank killed by a signal is a native OneFlow crash (seen once: SIGSEGV while the ranks
         # connected, "Machine 1 lost"), not a verdict: run once more, as scripts/run_tests.py does.
         if attempt == 1 and "died with <Signals.SIG" in proc.stderr:
-            print(f"note: a rank of {args[0]} crashed natively; running it once more", file=sys.stderr)
-            _note_crash(f"a rank of {Path(str(args[0])).name} crashed natively")
+            target = Path(str(args[1] if str(args[0]) == "-m" else args[0])).name
+            print(f"note: a rank of {target} crashed natively; running it once more", file=sys.stderr)
+            _note_crash(f"a rank of {target} crashed natively")
             continue
         raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
 
