@@ -10,12 +10,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO, free_port, losses, o_args, tiny, train
 
 STEPS = ["Global.max_steps=6", "Global.log_interval=1", "Data.batch_size=4"]
 
 
+@pytest.mark.slow  # two launchers and a 2-rank reference run: `make test-all` only
 def test_two_nodes_train_like_one_node_with_two_processes(tmp_path, synthetic_faces):
     faces = synthetic_faces(12, 10)
     one = tmp_path / "one_node"

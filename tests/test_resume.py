@@ -44,7 +44,8 @@ def checkpoints(out):
     return sorted(p.name for p in out.glob("ckpt-*.npz"))
 
 
-@pytest.mark.parametrize("mode,nproc", [("graph", 2), ("eager", 2)])
+# eager: `make test-all` only; an eager resume is bit-identical in test_partial_fc_sampling_resumes_exactly
+@pytest.mark.parametrize("mode,nproc", [("graph", 2), pytest.param("eager", 2, marks=pytest.mark.slow)])
 def test_kill_and_resume_is_bit_identical(tmp_path, faces, mode, nproc):
     batch = 8 // nproc
     common = [f"Global.mode={mode}", f"Data.batch_size={batch}", "Global.epochs=3",

@@ -53,6 +53,9 @@ def assert_same(a, b):
     assert not differ, differ[:5]
 
 
+# six launches: `make test-all` only. `make test` keeps a sharded save and resume (the next test) and a
+# move between world sizes of the one-file format (test_resume.py)
+@pytest.mark.slow
 def test_sharded_equals_one_file_and_moves_between_world_sizes(tmp_path, faces):
     worker = "tests/workers/train_frozen_bn.py"  # BatchNorm statistics frozen: the loss ignores the split
     ref, flat = tmp_path / "ref", tmp_path / "flat"
