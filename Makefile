@@ -1,5 +1,6 @@
-# The two commands of the README: `make train` and `make test`. Both build the environment first.
-.PHONY: setup train test lint
+# The commands of the README: `make train`, `make test` (the suite without the tests marked slow,
+# ~20 min) and `make test-all` (everything, what .ci/run runs). All build the environment first.
+.PHONY: setup train test test-all lint
 
 setup:
 	@bash scripts/setup.sh >/dev/null
@@ -11,4 +12,7 @@ lint: setup
 	@PY=$$(bash scripts/setup.sh) && $$PY -m ruff check .
 
 test: setup lint
+	@PY=$$(bash scripts/setup.sh) && $$PY scripts/run_tests.py --fast
+
+test-all: setup lint
 	@PY=$$(bash scripts/setup.sh) && $$PY scripts/run_tests.py

@@ -1,14 +1,34 @@
+"""Shared test scaffold: the tiny training run, the synthetic face sets, the launchers.
+
+Every test that trains builds its run from here:
+- `synthetic_faces(identities, images)` (session fixture): a synthetic RecordIO set, generated once per
+  pytest process for each shape and shared; copy it (`shutil.copytree`) before changing it;
+- `tiny(root, out, *extra)`: the `-o` overrides of the tiny run (a 4-block IResNet of width 8,
+  32-d embeddings, on CPU, no evaluation) on the set at `root`, writing to `out`; `extra` come last
+  and win over the defaults;
+- `train_cmd` / `train`: that run through `oneflow.distributed.launch` on N ranks (or a worker
+  script in tests/workers/), `launch` / `run_worker` for other targets.
+"""
+import csv
 import json
 import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+CONFIG = "configs/default.yaml"  # the base every tiny run overrides
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: the biggest scenarios (another test covers the behaviour more cheaply); "
+                   "`make test` deselects them, `make test-all` runs them")
 
 
 def free_port():
@@ -17,19 +37,33 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(args, nproc=2, timeout=600, cwd=REPO, env=None):
-    """Run `python -m oneflow.distributed.launch --nproc_per_node N <args>`; fail with its output."""
+def _note_crash(what):
+    """Tell scripts/run_tests.py (through $OF_FACE_CRASH_LOG) that a rank crashed and was rerun."""
+    log = os.environ.get("OF_FACE_CRASH_LOG")
+    if log:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[0]
+        with open(log, "a") as f:
+            f.write(f"{Path(test).name}: {what}\n")
+
+
+def launch(args, nproc=2, timeout=600, cwd=REPO, env=None, check=True):
+    """Run `python -m oneflow.distributed.launch --nproc_per_node N <args>`.
+
+    check=True: fail with its output unless it exits 0; check=False: return the process as it ended
+    (a test that expects a failure reads returncode, stdout and stderr itself)."""
     cmd = [sys.executable, "-m", "oneflow.distributed.launch", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port())] + [str(a) for a in args]
     for attempt in (1, 2):
         proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, **(env or {})})
-        if proc.returncode == 0:
+        if proc.returncode == 0 or not check:
             return proc
         # A rank killed by a signal is a native OneFlow crash (seen once: SIGSEGV while the ranks
         # connected, "Machine 1 lost"), not a verdict: run once more, as scripts/run_tests.py does.
         if attempt == 1 and "died with <Signals.SIG" in proc.stderr:
-            print(f"note: a rank of {args[0]} crashed natively; running it once more", file=sys.stderr)
+            target = Path(str(args[1] if str(args[0]) == "-m" else args[0])).name
+            print(f"note: a rank of {target} crashed natively; running it once more", file=sys.stderr)
+            _note_crash(f"a rank of {target} crashed natively")
             continue
         raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
 
@@ -52,3 +86,74 @@ def shared():
     if not SHARED.is_dir():
         pytest.skip("../shared not present")
     return SHARED
+
+
+# ----------------------------------------------------------------------------- the tiny run
+TINY_MODEL = ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32"]
+
+
+def tiny(root, out, *extra):
+    """The `-o` overrides (of configs/default.yaml) of the tiny run on the rec set `root` into `out`."""
+    return [*TINY_MODEL, "Data.dataset=rec", f"Data.root={root}", "Data.val_targets=[]", "Global.device=cpu",
+            "Global.eval_before_training=false", f"Global.output_dir={out}", *extra]
+
+
+def o_args(overrides):
+    """["-o", o1, "-o", o2, ...]: the overrides as command-line arguments."""
+    return [a for o in overrides for a in ("-o", str(o))]
+
+
+def train_cmd(overrides, nproc=2, script=None, args=(), launcher="oneflow"):
+    """The command of a run: of_face.train.main (or the worker `script`, `args` before the config)
+    with configs/default.yaml + `overrides`, on `nproc` ranks started by `launcher`:
+    "oneflow" (oneflow.distributed.launch), "of_face" (of_face.train.launch, what
+    scripts/train_ddp.sh runs) or None (one plain process, no launcher)."""
+    target = [str(REPO / script), *map(str, args)] if script else ["-m", "of_face.train.main"]
+    if launcher == "oneflow":
+        start = ["-m", "oneflow.distributed.launch", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    elif launcher == "of_face":
+        assert not script, "of_face.train.launch runs of_face.train.main only"
+        start, target = ["-m", "of_face.train.launch", "--nproc-per-node", str(nproc), "--master",
+                         f"127.0.0.1:{free_port()}"], []
+    else:
+        start = []
+    return [sys.executable, *start, *target, "-c", CONFIG, *o_args(overrides)]
+
+
+@dataclass
+class Ran:
+    returncode: int
+    text: str  # stdout then stderr
+
+
+def train(overrides, nproc=2, script=None, args=(), check=True, timeout=600, env=None, launcher="oneflow"):
+    """Run `train_cmd(...)`; check=True fails the test (with the output) unless it exits 0."""
+    proc = subprocess.run(train_cmd(overrides, nproc, script, args, launcher), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    text = proc.stdout + proc.stderr
+    assert not check or proc.returncode == 0, f"training failed ({proc.returncode}):\n{text[-6000:]}"
+    return Ran(proc.returncode, text)
+
+
+def losses(out):
+    """{step: loss} from the run folder's metrics.csv."""
+    with open(Path(out) / "metrics.csv") as f:
+        return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["kind"] == "loss"}
+
+
+@pytest.fixture(scope="session")
+def synthetic_faces(tmp_path_factory):
+    """synthetic_faces(identities, images_per_identity) -> a synthetic rec set with 2 validation identities and
+    2 pairs, generated once per pytest process for each shape. Shared: copy it before changing it."""
+    from of_face.data import synthetic
+
+    made = {}
+
+    def make(identities, images_per_identity):
+        key = (identities, images_per_identity)
+        if key not in made:
+            made[key] = tmp_path_factory.mktemp(f"faces{identities}x{images_per_identity}")
+            synthetic.generate(made[key], num_identities=identities, images_per_identity=images_per_identity,
+                               val_identities=2, val_pairs=2)
+        return made[key]
+    return make

@@ -1,16 +1,16 @@
 """The trainer refuses a training set that disagrees with the config, naming the file and value."""
+import shutil
+
 import pytest
 
 from of_face.config import ConfigError, load_config
-from of_face.data import synthetic
 
 from conftest import REPO
 
 
 @pytest.fixture
-def tiny_set(tmp_path):
-    synthetic.generate(tmp_path, num_identities=6, images_per_identity=2, val_identities=2, val_pairs=2)
-    return tmp_path
+def tiny_set(tmp_path, synthetic_faces):
+    return shutil.copytree(synthetic_faces(6, 2), tmp_path / "faces")  # a copy: a test rewrites its property
 
 
 def config(root, *extra):

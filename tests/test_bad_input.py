@@ -17,37 +17,29 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+import conftest
+from conftest import REPO, o_args, train_cmd
 from of_face.data import synthetic
 
 GOOD = "ckpt-00000002.npz"
 
 
 def tiny(root, out, *extra):
-    return ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32",
-            "Data.dataset=rec", f"Data.root={root}", "Data.val_targets=[]", "Data.batch_size=4",
-            "Global.device=cpu", "Global.eval_before_training=false", f"Global.output_dir={out}",
-            "Global.max_steps=6", "Global.log_interval=1", *extra]
+    return conftest.tiny(root, out, "Data.batch_size=4", "Global.max_steps=6", "Global.log_interval=1", *extra)
 
 
 def main_cmd(overrides):
-    cmd = [sys.executable, "-m", "of_face.train.main", "-c", "configs/default.yaml"]
-    for o in overrides:
-        cmd += ["-o", o]
-    return cmd
+    return train_cmd(overrides, launcher=None)  # one process: the trainer's own exit code and message
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, synthetic_faces):
     """A 12-identity set and a good 2-step checkpoint of the tiny model on it."""
     base = tmp_path_factory.mktemp("bad_input")
-    faces = base / "faces"
-    synthetic.generate(faces, num_identities=12, images_per_identity=4, val_identities=2, val_pairs=2)
+    faces = synthetic_faces(12, 4)
     good = base / "good"
-    proc = subprocess.run(main_cmd(tiny(faces, good, "Global.max_steps=2", "Global.save_interval=1",
-                                        "Global.keep_checkpoints=0")),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    conftest.train(tiny(faces, good, "Global.max_steps=2", "Global.save_interval=1", "Global.keep_checkpoints=0"),
+                   launcher=None, timeout=300)
     return {"base": base, "faces": faces, "ckpt": good / GOOD}
 
 
@@ -122,7 +114,7 @@ def port_in_use(w, out):
     port = w["port"]
     env = {"MASTER": f"127.0.0.1:{port}", "PYTHON": sys.executable, "NPROC_PER_NODE": "2"}
     return ["bash", "scripts/train_ddp.sh", "-c", "configs/default.yaml",
-            *sum((["-o", o] for o in tiny(w["faces"], out)), [])], env
+            *o_args(tiny(w["faces"], out))], env
 
 
 CASES = [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, tiny, train_cmd
 from of_face.config import ConfigError, load_config
 from of_face.data import record_index, synthetic
 from of_face.data.convert import images2rec
@@ -222,17 +222,14 @@ def test_identity_ranges_past_the_exact_record_ids_give_each_image_its_own_label
     assert ds.ids.tolist() == list(range(1, n + 1))  # the images, not the first range record
 
 
-def test_a_merged_recordio_label_stops_every_rank_with_one_line(tmp_path):
+def test_a_merged_recordio_label_stops_every_rank_with_one_line(tmp_path, synthetic_faces):
     """Through the real launcher on 2 ranks: an image whose float32 header label is 2**24 (maybe
     2**24 + 1 rounded) ends the run before the first step, exit code 2, one line naming the record."""
+    import shutil
     import struct
     import subprocess
-    import sys
 
-    from conftest import free_port
-
-    data = tmp_path / "faces"
-    synthetic.generate(data, num_identities=12, images_per_identity=4, val_identities=2, val_pairs=2)
+    data = shutil.copytree(synthetic_faces(12, 4), tmp_path / "faces")
     ds = RecordDataset(data)
     with open(ds.rec_path, "r+b") as f:  # record 1's IRHeader label (after magic, length and flag)
         f.seek(int(ds._offsets[1]) + 8 + 4)
@@ -240,13 +237,8 @@ def test_a_merged_recordio_label_stops_every_rank_with_one_line(tmp_path):
     for cache in data.glob("*.of_face_index.npz"):
         cache.unlink()
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "of_face.train.launch", "--nproc-per-node", "2", "--master",
-           f"127.0.0.1:{free_port()}", "-c", "configs/default.yaml"]
-    for o in ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32",
-              "Data.dataset=rec", f"Data.root={data}", "Data.val_targets=[]", "Data.batch_size=4",
-              "Global.device=cpu", "Global.eval_before_training=false", f"Global.output_dir={out}",
-              "Global.max_steps=2", "Global.log_interval=1"]:
-        cmd += ["-o", o]
+    cmd = train_cmd(tiny(data, out, "Data.batch_size=4", "Global.max_steps=2", "Global.log_interval=1"), 2,
+                    launcher="of_face")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2, text[-4000:]

@@ -1,38 +1,21 @@
 """A checkpoint that cannot be written (disk full) stops the run on every rank with one line
 naming the file and the last good checkpoint; that checkpoint stays intact and resumes (issue 13).
 Through the real 2-rank launcher, under a timeout: a rank left waiting would hang the test."""
-import subprocess
-import sys
-
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, tiny, train
 from of_face import checkpoint
-from of_face.data import synthetic
 
 
 @pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces8")
-    synthetic.generate(root, num_identities=8, images_per_identity=4, val_identities=2, val_pairs=2)
-    return root
+def faces(synthetic_faces):
+    return synthetic_faces(8, 4)
 
 
 def overrides(root, out, *extra):
-    return ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32",
-            "Data.dataset=rec", f"Data.root={root}", "Data.val_targets=[]", "Global.device=cpu",
-            "Global.eval_before_training=false", f"Global.output_dir={out}", "Global.mode=eager",
-            "Data.batch_size=4", "Global.log_interval=1", "Global.keep_checkpoints=0", "Global.epochs=20",
-            "Global.max_steps=6", "Global.save_interval=2", *extra]
-
-
-def launch(target, args, timeout=400):
-    cmd = [sys.executable, "-m", "oneflow.distributed.launch", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), *target, "-c", "configs/default.yaml"]
-    for o in args:
-        cmd += ["-o", o]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr
+    return tiny(root, out, "Global.mode=eager", "Data.batch_size=4", "Global.log_interval=1",
+                "Global.keep_checkpoints=0", "Global.epochs=20", "Global.max_steps=6", "Global.save_interval=2",
+                *extra)
 
 
 @pytest.mark.parametrize("fmt,rank", [("npz", 0), ("sharded", 1)])
@@ -40,7 +23,8 @@ def test_disk_full_while_checkpointing_stops_every_rank_and_keeps_the_last_check
     out = tmp_path / "run"
     ext = ".npz" if fmt == "npz" else ""
     args = overrides(faces, out, f"Global.checkpoint_format={fmt}")
-    rc, text = launch([str(REPO / "tests/workers/train_enospc.py"), "4", str(rank)], args)
+    ran = train(args, 2, "tests/workers/train_enospc.py", ("4", rank), check=False, timeout=400)
+    rc, text = ran.returncode, ran.text
     where = f" on rank {rank}" if rank else ""
     want = (f"error: could not write checkpoint {out / ('ckpt-00000004' + ext)} (No space left on device{where}); "
             f"the run stops. Last good checkpoint: {out / ('ckpt-00000002' + ext)}")
@@ -53,7 +37,8 @@ def test_disk_full_while_checkpointing_stops_every_rank_and_keeps_the_last_check
     assert checkpoint.latest_checkpoint(str(out)) == str(out / f"ckpt-00000002{ext}")
 
     # the kept checkpoint is whole: the run continues from it to the end
-    rc, text = launch(["-m", "of_face.train.main"], args + ["Global.resume=auto"])
+    ran = train(args + ["Global.resume=auto"], 2, check=False, timeout=400)
+    rc, text = ran.returncode, ran.text
     assert rc == 0, text[-4000:]
     assert f"resumed from {out / ('ckpt-00000002' + ext)}: step 2" in text
     assert (out / f"ckpt-00000006{ext}").exists()

@@ -2,30 +2,18 @@
 say which one they used (issue 13). Checked against the same weights read through backbone.npz."""
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port
-from of_face.data import synthetic
+from conftest import REPO, tiny, train
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces8")
-    synthetic.generate(root, num_identities=8, images_per_identity=4, val_identities=2, val_pairs=2)
+def run(synthetic_faces, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cmd = [sys.executable, "-m", "oneflow.distributed.launch", "--nproc_per_node", "1", "--master_port",
-           str(free_port()), "-m", "of_face.train.main", "-c", "configs/default.yaml"]
-    for o in ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32",
-              "Data.dataset=rec", f"Data.root={root}", "Data.val_targets=[]", "Global.device=cpu",
-              "Global.eval_before_training=false", f"Global.output_dir={out}", "Global.mode=eager",
-              "Data.batch_size=8", "Global.max_steps=4", "Global.epochs=5", "Global.save_interval=2",
-              "Global.keep_checkpoints=0"]:
-        cmd += ["-o", o]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train(tiny(synthetic_faces(8, 4), out, "Global.mode=eager", "Data.batch_size=8", "Global.max_steps=4",
+               "Global.epochs=5", "Global.save_interval=2", "Global.keep_checkpoints=0"), nproc=1)
     return out
 
 

@@ -6,6 +6,10 @@ gradient, read from an unclipped eager step (plain SGD, no decay: delta = -lr * 
 float64 global norm over the backbone's gradients: clipped delta = -lr * g * max_norm / (|g| + 1e-6).
 A per-group clip (what nn.Graph does with two groups unless they are merged) scales the two groups
 by different factors and fails the comparison.
+
+The decay of the two groups (AdamW, decoupled: p -= lr * wd * p on top of the Adam step) is checked
+against numpy float64: the same step with and without decay differs by exactly -lr * wd * p for the
+parameters the model decays and by nothing for those its `no_weight_decay()` lists, in both modes.
 """
 import numpy as np
 import pytest
@@ -13,12 +17,13 @@ import pytest
 import of_face  # noqa: F401  (loads cuDNN/cuBLAS before OneFlow)
 from of_face import parallel
 from of_face.config import load_config
+from of_face.models import no_weight_decay
 from of_face.train.system import build
 
 LR, CLASSES, BATCH = 0.01, 10, 4
 
 
-def one_step(mode, clip, name="sgd", wd=0.0):
+def one_step(mode, clip, name="sgd", wd=0.0, with_start=False):
     cfg = load_config(None, [
         f"Global.mode={mode}", "Global.seed=3", "Model.name=iresnet", "Model.layers=[1, 1, 1, 1]", "Model.width=4",
         "Model.embedding_size=8", "Loss.margin=[1.0, 0.0, 0.35]", "Loss.scale=16.0", f"Optimizer.name={name}",
@@ -35,6 +40,8 @@ def one_step(mode, clip, name="sgd", wd=0.0):
     system.step(parallel.batch(images), parallel.batch(labels))
     delta = {n: parallel.to_numpy(p).astype(np.float64) - before[n] for n, p in named.items()}
     groups = [len(g.parameters) for g in system.optimizer.param_groups]
+    if with_start:
+        return delta, groups, before, no_weight_decay(system.backbone)
     return delta, groups
 
 
@@ -64,3 +71,20 @@ def test_graph_merged_groups_keep_adamw_decay_per_group():
     eager, _ = one_step("eager", 0.05, "adamw", wd=0.5)
     for n in graph:
         np.testing.assert_allclose(graph[n], eager[n], rtol=1e-4, atol=1e-6, err_msg=n)
+
+
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+def test_adamw_decays_exactly_the_parameters_the_model_does_not_exempt(mode):
+    """numpy float64 reference of the decoupled decay, group by group: one AdamW step with decay
+    minus the same step without it (same gradients, same Adam update) is -lr * wd * p for a decayed
+    parameter and 0 for one the model's `no_weight_decay()` lists."""
+    wd = 0.5
+    decayed, groups, start, skip = one_step(mode, 0.05, "adamw", wd=wd, with_start=True)
+    plain, _ = one_step(mode, 0.05, "adamw", wd=0.0)
+    assert len(groups) == 3 and skip and set(skip) < set(start)  # both backbone groups are non-empty
+    # the exempt parameters are not all zero (BN scales start at 1): decaying them would show
+    assert max(np.abs(start[n]).max() for n in skip) >= 0.1
+    for n, p in start.items():
+        want = np.zeros_like(p) if n in skip else -LR * wd * p
+        np.testing.assert_allclose(decayed[n] - plain[n], want, rtol=1e-4, atol=2e-7,
+                                   err_msg=f"{n} ({'not ' if n in skip else ''}decayed)")

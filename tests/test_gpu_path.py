@@ -43,13 +43,10 @@ def test_rng_capture_with_a_gpu_visible(monkeypatch):
     assert sorted(arrays) == ["rng/flow_cpu", "rng/numpy_keys"]
 
 
-def test_training_with_a_gpu_visible_checkpoints_and_saves_the_backbone(tmp_path):
+def test_training_with_a_gpu_visible_checkpoints_and_saves_the_backbone(tmp_path, synthetic_faces):
     # before: every run on a CUDA machine crashed at its first checkpoint, before backbone.npz
-    from of_face.data import synthetic
-
-    synthetic.generate(tmp_path / "faces", num_identities=6, images_per_identity=4, val_identities=2, val_pairs=2)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "tests/workers/train_gpu_visible.py", str(tmp_path / "faces"), str(out)],
+    proc = subprocess.run([sys.executable, "tests/workers/train_gpu_visible.py", str(synthetic_faces(6, 4)), str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port
-from of_face.data import synthetic
+import conftest
+from conftest import REPO, train_cmd
 from of_face.data.loader import ShardedLoader
 from of_face.data.recordio import RecordDataset
 
@@ -26,28 +26,20 @@ SEED = 2022  # configs/default.yaml's Global.seed: the shard plan below must mat
 
 
 def tiny(root, out, *extra):
-    return ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32",
-            "Data.dataset=rec", f"Data.root={root}", "Data.val_targets=[]", "Data.batch_size=4",
-            "Global.device=cpu", "Global.eval_before_training=false", f"Global.output_dir={out}",
-            "Global.max_steps=4", "Global.log_interval=1", *extra]
+    return conftest.tiny(root, out, "Data.batch_size=4", "Global.max_steps=4", "Global.log_interval=1", *extra)
 
 
 def launch(overrides, env=None, timeout=240, nproc=2):
-    cmd = [sys.executable, "-m", "of_face.train.launch", "--nproc-per-node", str(nproc),
-           "--master", f"127.0.0.1:{free_port()}", "-c", "configs/default.yaml"]
-    for o in overrides:
-        cmd += ["-o", o]
+    """of_face's own launcher (not conftest's oneflow one): (the process, seconds it took)."""
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run(train_cmd(overrides, nproc, launcher="of_face"), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
     return proc, time.time() - t0
 
 
 @pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces")
-    synthetic.generate(root, num_identities=12, images_per_identity=4, val_identities=2, val_pairs=2)
-    return root
+def faces(synthetic_faces):
+    return synthetic_faces(12, 4)
 
 
 def copy_set(faces, dst):

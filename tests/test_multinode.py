@@ -10,19 +10,21 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from conftest import REPO, free_port
-from test_resume import faces, losses, tiny, train  # noqa: F401  (faces is a fixture)
+from conftest import REPO, free_port, losses, o_args, tiny, train
 
 STEPS = ["Global.max_steps=6", "Global.log_interval=1", "Data.batch_size=4"]
 
 
-def test_two_nodes_train_like_one_node_with_two_processes(tmp_path, faces):  # noqa: F811
+@pytest.mark.slow  # two launchers and a 2-rank reference run: `make test-all` only
+def test_two_nodes_train_like_one_node_with_two_processes(tmp_path, synthetic_faces):
+    faces = synthetic_faces(12, 10)
     one = tmp_path / "one_node"
-    train(2, tiny(faces, one, *STEPS))
+    train(tiny(faces, one, *STEPS), nproc=2, timeout=400)
 
     two = tmp_path / "two_nodes"
-    args = [a for o in tiny(faces, two, *STEPS) for a in ("-o", o)]
+    args = o_args(tiny(faces, two, *STEPS))
     master = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHON": sys.executable, "NNODES": "2", "MASTER": master, "NPROC_PER_NODE": "1",
            "OF_FACE_NODES_SHARE_HOST": "1"}

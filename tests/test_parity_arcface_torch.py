@@ -32,7 +32,7 @@ def _run(mode, tmp_path):
     return proc, checks
 
 
-@pytest.fixture(scope="module", params=["graph", "eager"])
+@pytest.fixture(scope="module", params=["graph", pytest.param("eager", marks=pytest.mark.slow)])
 def parity(request, tmp_path_factory):
     return _run(request.param, tmp_path_factory.mktemp(request.param))
 

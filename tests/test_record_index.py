@@ -4,6 +4,7 @@ rebuilt when a file changes, built by one rank only. Labels are checked against 
 reader of every record."""
 import json
 import os
+import shutil
 import stat
 
 import mxnet as mx
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import launch
-from of_face.data import record_index, synthetic
+from of_face.data import record_index
 from of_face.data.recordio import RecordDataset
 
 
@@ -26,10 +27,8 @@ def mxnet_labels(folder, ids):
 
 
 @pytest.fixture
-def faces(tmp_path):
-    root = tmp_path / "faces"
-    synthetic.generate(root, num_identities=9, images_per_identity=5, val_identities=2, val_pairs=2)
-    return root
+def faces(tmp_path, synthetic_faces):
+    return shutil.copytree(synthetic_faces(9, 5), tmp_path / "faces")  # a copy: the tests write beside it
 
 
 def test_labels_from_identity_ranges_cached_and_rebuilt(faces, monkeypatch):

@@ -8,50 +8,23 @@
   same sample; the next step's loss equals the unmoved run's to 1e-5.
 - Global.pretrained: the weights arrive; a file of another architecture is refused by name.
 """
-import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port
-from of_face.data import synthetic
+from conftest import REPO, losses, tiny, train, train_cmd
 
 STEPS, KILL_AT = 40, 20
 
 
 @pytest.fixture(scope="module")
-def faces(tmp_path_factory):
+def faces(synthetic_faces):
     """12 identities x 10 images: 15 global batches of 8 per epoch (so step 20 is mid-epoch 1)."""
-    root = tmp_path_factory.mktemp("faces12")
-    synthetic.generate(root, num_identities=12, images_per_identity=10, val_identities=2, val_pairs=2)
-    return root
-
-
-def tiny(root, out, *extra):
-    return ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32",
-            "Data.dataset=rec", f"Data.root={root}", "Data.val_targets=[]", "Global.device=cpu",
-            "Global.eval_before_training=false", f"Global.output_dir={out}", *extra]
-
-
-def command(nproc, overrides, script=None):
-    target = [str(REPO / script)] if script else ["-m", "of_face.train.main"]
-    cmd = [sys.executable, "-m", "oneflow.distributed.launch", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), *target, "-c", "configs/default.yaml"]
-    for o in overrides:
-        cmd += ["-o", o]
-    return cmd
-
-
-def train(nproc, overrides, script=None, timeout=400):
-    proc = subprocess.run(command(nproc, overrides, script), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout + proc.stderr
+    return synthetic_faces(12, 10)
 
 
 def arrays(path):
@@ -71,7 +44,8 @@ def checkpoints(out):
     return sorted(p.name for p in out.glob("ckpt-*.npz"))
 
 
-@pytest.mark.parametrize("mode,nproc", [("graph", 2), ("eager", 2)])
+# eager: `make test-all` only; an eager resume is bit-identical in test_partial_fc_sampling_resumes_exactly
+@pytest.mark.parametrize("mode,nproc", [("graph", 2), pytest.param("eager", 2, marks=pytest.mark.slow)])
 def test_kill_and_resume_is_bit_identical(tmp_path, faces, mode, nproc):
     batch = 8 // nproc
     common = [f"Global.mode={mode}", f"Data.batch_size={batch}", "Global.epochs=3",
@@ -79,13 +53,13 @@ def test_kill_and_resume_is_bit_identical(tmp_path, faces, mode, nproc):
               "Global.log_interval=5"]
     t0 = time.time()
     straight = tmp_path / "straight"
-    train(nproc, tiny(faces, straight, *common))
+    train(tiny(faces, straight, *common), nproc)
     t_straight = time.time() - t0
 
     # the same run, killed (SIGKILL to the launcher's whole process group) once ckpt 20 exists
     broken = tmp_path / "broken"
     log = open(tmp_path / "broken.log", "w")
-    proc = subprocess.Popen(command(nproc, tiny(faces, broken, *common)), cwd=REPO, stdout=log,
+    proc = subprocess.Popen(train_cmd(tiny(faces, broken, *common), nproc), cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 400
     try:
@@ -100,7 +74,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, faces, mode, nproc):
     assert left and left[-1] < f"ckpt-{STEPS:08d}.npz", f"the run was not interrupted: {left}"
 
     t1 = time.time()
-    out = train(nproc, tiny(faces, broken, *common, "Global.resume=auto"))
+    out = train(tiny(faces, broken, *common, "Global.resume=auto"), nproc).text
     t_resume = time.time() - t1
     newest = left[-1]
     assert f"resumed from {broken / newest}: step {int(newest[5:13])}" in out
@@ -114,24 +88,19 @@ def test_kill_and_resume_is_bit_identical(tmp_path, faces, mode, nproc):
     print(f"{mode}/{nproc} rank(s): straight {t_straight:.0f}s, resume {newest} -> {STEPS}: {t_resume:.0f}s")
 
 
-def losses(out):
-    with open(out / "metrics.csv") as f:
-        return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["kind"] == "loss"}
-
-
-def test_checkpoint_moves_between_world_sizes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces13")
+def test_checkpoint_moves_between_world_sizes(tmp_path_factory, synthetic_faces):
     # 13 classes: padded to 14 on 2 ranks (one padding row), 13 on 1 rank
-    synthetic.generate(root, num_identities=13, images_per_identity=8, val_identities=2, val_pairs=2)
+    root = synthetic_faces(13, 8)
     tmp = tmp_path_factory.mktemp("moves")
     common = ["Global.max_steps=8", "Global.save_interval=2", "Global.keep_checkpoints=0", "Global.log_interval=1",
               "Loss.sample_rate=1.0"]
     worker = "tests/workers/train_frozen_bn.py"  # BatchNorm statistics frozen: the loss ignores the split
     ref, one, two = tmp / "ref", tmp / "one", tmp / "two"
-    train(2, tiny(root, ref, *common, "Data.batch_size=4"), worker)
-    out = train(1, tiny(root, one, *common, "Data.batch_size=8", f"Global.resume={ref / 'ckpt-00000004.npz'}"), worker)
+    train(tiny(root, ref, *common, "Data.batch_size=4"), 2, worker)
+    out = train(tiny(root, one, *common, "Data.batch_size=8", f"Global.resume={ref / 'ckpt-00000004.npz'}"), 1,
+                worker).text
     assert "saved on 2 rank(s)" in out
-    train(2, tiny(root, two, *common, "Data.batch_size=4", f"Global.resume={one / 'ckpt-00000006.npz'}"), worker)
+    train(tiny(root, two, *common, "Data.batch_size=4", f"Global.resume={one / 'ckpt-00000006.npz'}"), 2, worker)
     a, b, c = losses(ref), losses(one), losses(two)
     assert sorted(b) == [5, 6, 7, 8] and sorted(c) == [7, 8]
     assert abs(b[5] - a[5]) <= 1e-5, (a, b)  # first step after 2 -> 1
@@ -177,8 +146,8 @@ def test_amp_loss_scale_and_step_counter_resume(tmp_path, faces):
     common = ["Data.batch_size=4", "Global.max_steps=8", "Global.save_interval=4", "Global.keep_checkpoints=0",
               "AMP.enable=true", "AMP.init_scale=1024"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(2, tiny(faces, straight, *common))
-    train(2, tiny(faces, resumed, *common, f"Global.resume={straight / 'ckpt-00000004.npz'}"))
+    train(tiny(faces, straight, *common), 2)
+    train(tiny(faces, resumed, *common, f"Global.resume={straight / 'ckpt-00000004.npz'}"), 2)
     final = assert_identical(straight / "ckpt-00000008.npz", resumed / "ckpt-00000008.npz")
     graph_vars = {k for k in final if k.startswith("graph/")}
     assert graph_vars == {"graph/System-Train-TrainStep", "graph/System-Train-DynamicLossScale-{graph}-LossScale",
@@ -225,15 +194,14 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, faces, monkeypat
 
 
 @pytest.mark.parametrize("mode,nproc", [("graph", 2), ("eager", 1)])
-def test_partial_fc_sampling_resumes_exactly(tmp_path_factory, mode, nproc):
+def test_partial_fc_sampling_resumes_exactly(tmp_path_factory, synthetic_faces, mode, nproc):
     """Loss.sample_rate < 1: the negatives' scores come from (seed, step, rank) on the host, and
     the stepper's step count comes back from the checkpoint, so the resumed run samples the same
     centres as the unbroken one."""
-    root = tmp_path_factory.mktemp("faces40")
-    synthetic.generate(root, num_identities=40, images_per_identity=3, val_identities=2, val_pairs=2)
+    root = synthetic_faces(40, 3)
     tmp = tmp_path_factory.mktemp(f"pfc_{mode}")
     common = [f"Global.mode={mode}", f"Data.batch_size={8 // nproc}", "Global.max_steps=6", "Global.save_interval=3",
               "Global.keep_checkpoints=0", "Loss.sample_rate=0.1"]  # 20 or 40 centres per rank, 8 kept
-    train(nproc, tiny(root, tmp / "straight", *common))
-    train(nproc, tiny(root, tmp / "resumed", *common, f"Global.resume={tmp / 'straight' / 'ckpt-00000003.npz'}"))
+    train(tiny(root, tmp / "straight", *common), nproc)
+    train(tiny(root, tmp / "resumed", *common, f"Global.resume={tmp / 'straight' / 'ckpt-00000003.npz'}"), nproc)
     assert_identical(tmp / "straight" / "ckpt-00000006.npz", tmp / "resumed" / "ckpt-00000006.npz")

@@ -14,39 +14,26 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port
-from of_face.data import synthetic
+import conftest
+from conftest import REPO, train_cmd
 
 
 @pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces8")
-    synthetic.generate(root, num_identities=8, images_per_identity=4, val_identities=2, val_pairs=2)
-    return root
+def faces(synthetic_faces):
+    return synthetic_faces(8, 4)
 
 
 def tiny(root, out, *extra):
-    return ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32",
-            "Data.dataset=rec", f"Data.root={root}", "Data.val_targets=[]", "Global.device=cpu",
-            "Global.eval_before_training=false", f"Global.output_dir={out}", "Global.mode=eager",
-            "Data.batch_size=8", "Global.log_interval=1", "Global.keep_checkpoints=0", "Global.epochs=20", *extra]
-
-
-def command(nproc, overrides):
-    cmd = [sys.executable, "-m", "oneflow.distributed.launch", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), "-m", "of_face.train.main", "-c", "configs/default.yaml"]
-    for o in overrides:
-        cmd += ["-o", o]
-    return cmd
+    return conftest.tiny(root, out, "Global.mode=eager", "Data.batch_size=8", "Global.log_interval=1",
+                         "Global.keep_checkpoints=0", "Global.epochs=20", *extra)
 
 
 def train(overrides, nproc=1, expect=0, timeout=600):
-    proc = subprocess.run(command(nproc, overrides), cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
+    ran = conftest.train(overrides, nproc, check=False, timeout=timeout)
     # a refusal: the rank exits 2; the launcher (oneflow.distributed.launch) reports it as 1
-    ok = proc.returncode == 0 if expect == 0 else proc.returncode != 0
-    assert ok, f"exit {proc.returncode}, expected {expect}:\n{out[-4000:]}"
-    return out
+    ok = ran.returncode == 0 if expect == 0 else ran.returncode != 0
+    assert ok, f"exit {ran.returncode}, expected {expect}:\n{ran.text[-4000:]}"
+    return ran.text
 
 
 def loss_steps(out):
@@ -173,7 +160,7 @@ def _alive(pid):
 def test_ranks_die_with_their_launcher(tmp_path, faces):
     out = tmp_path / "orphans"
     log = open(tmp_path / "log", "w")
-    proc = subprocess.Popen(command(2, tiny(faces, out, "Global.max_steps=100000", "Global.epochs=10000")),
+    proc = subprocess.Popen(train_cmd(tiny(faces, out, "Global.max_steps=100000", "Global.epochs=10000"), 2),
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300

@@ -7,7 +7,6 @@
 - a rank killed while writing its shard leaves no `ckpt-*` of that step; the previous one is
   resumed and the partial folder removed; `of-face info` and export read the format.
 """
-import csv
 import json
 import subprocess
 import sys
@@ -15,36 +14,18 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port
-from of_face.data import synthetic
+import conftest
+from conftest import REPO, losses, train
 
 
 @pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces13")  # 13 classes: padded to 14 on 2 ranks
-    synthetic.generate(root, num_identities=13, images_per_identity=8, val_identities=2, val_pairs=2)
-    return root
+def faces(synthetic_faces):
+    return synthetic_faces(13, 8)  # 13 classes: padded to 14 on 2 ranks
 
 
 def tiny(root, out, *extra):
-    return ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32",
-            "Data.dataset=rec", f"Data.root={root}", "Data.val_targets=[]", "Global.device=cpu",
-            "Global.eval_before_training=false", f"Global.output_dir={out}", "Global.max_steps=8",
-            "Global.save_interval=2", "Global.keep_checkpoints=0", "Global.log_interval=1", "Loss.sample_rate=1.0",
-            "Global.checkpoint_format=sharded", *extra]
-
-
-def launch(nproc, overrides, script=None, args=(), expect_ok=True, timeout=600):
-    target = [str(REPO / script), *args] if script else ["-m", "of_face.train.main"]
-    cmd = [sys.executable, "-m", "oneflow.distributed.launch", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), *target, "-c", "configs/default.yaml"]
-    for o in overrides:
-        cmd += ["-o", o]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    text = proc.stdout + proc.stderr
-    if expect_ok:
-        assert proc.returncode == 0, text[-4000:]
-    return text
+    return conftest.tiny(root, out, "Global.max_steps=8", "Global.save_interval=2", "Global.keep_checkpoints=0",
+                         "Global.log_interval=1", "Loss.sample_rate=1.0", "Global.checkpoint_format=sharded", *extra)
 
 
 def assemble(path):
@@ -72,16 +53,14 @@ def assert_same(a, b):
     assert not differ, differ[:5]
 
 
-def losses(out):
-    with open(out / "metrics.csv") as f:
-        return {int(r["step"]): float(r["value"]) for r in csv.DictReader(f) if r["kind"] == "loss"}
-
-
+# six launches: `make test-all` only. `make test` keeps a sharded save and resume (the next test) and a
+# move between world sizes of the one-file format (test_resume.py)
+@pytest.mark.slow
 def test_sharded_equals_one_file_and_moves_between_world_sizes(tmp_path, faces):
     worker = "tests/workers/train_frozen_bn.py"  # BatchNorm statistics frozen: the loss ignores the split
     ref, flat = tmp_path / "ref", tmp_path / "flat"
-    launch(2, tiny(faces, ref, "Data.batch_size=4"), worker)
-    launch(2, tiny(faces, flat, "Data.batch_size=4", "Global.checkpoint_format=npz"), worker)
+    train(tiny(faces, ref, "Data.batch_size=4"), 2, worker)
+    train(tiny(faces, flat, "Data.batch_size=4", "Global.checkpoint_format=npz"), 2, worker)
     ck = ref / "ckpt-00000008"
     assert sorted(p.name for p in ck.iterdir()) == [
         "main.npz", "manifest.json", "model.head.weight.rank0.npy", "model.head.weight.rank1.npy",
@@ -96,10 +75,10 @@ def test_sharded_equals_one_file_and_moves_between_world_sizes(tmp_path, faces):
     one, two = tmp_path / "rt1", tmp_path / "rt2"
     # (eager: its optimizer hands back exactly the state it was given; the graph-mode run's
     # checkpoint loads into it, as tests/test_resume.py's mode changes do)
-    launch(1, tiny(faces, one, "Data.batch_size=8", "Global.mode=eager", f"Global.resume={ref / 'ckpt-00000004'}"),
-           "tests/workers/ckpt_roundtrip.py")
-    launch(2, tiny(faces, two, "Data.batch_size=4", "Global.mode=eager", f"Global.resume={one / 'ckpt-00000004'}"),
-           "tests/workers/ckpt_roundtrip.py")
+    train(tiny(faces, one, "Data.batch_size=8", "Global.mode=eager", f"Global.resume={ref / 'ckpt-00000004'}"), 1,
+          "tests/workers/ckpt_roundtrip.py")
+    train(tiny(faces, two, "Data.batch_size=4", "Global.mode=eager", f"Global.resume={one / 'ckpt-00000004'}"), 2,
+          "tests/workers/ckpt_roundtrip.py")
     assert json.loads((one / "ckpt-00000004" / "manifest.json").read_text())["world_size"] == 1
     original = state(assemble(ref / "ckpt-00000004"))
     assert_same(state(assemble(one / "ckpt-00000004")), original)
@@ -107,9 +86,9 @@ def test_sharded_equals_one_file_and_moves_between_world_sizes(tmp_path, faces):
 
     # training continues on another world size: 2 -> 1 (steps 5..6) -> 2 (steps 7..8)
     a, b = tmp_path / "a", tmp_path / "b"
-    out = launch(1, tiny(faces, a, "Data.batch_size=8", f"Global.resume={ref / 'ckpt-00000004'}"), worker)
+    out = train(tiny(faces, a, "Data.batch_size=8", f"Global.resume={ref / 'ckpt-00000004'}"), 1, worker).text
     assert "saved on 2 rank(s)" in out
-    launch(2, tiny(faces, b, "Data.batch_size=4", f"Global.resume={a / 'ckpt-00000006'}"), worker)
+    train(tiny(faces, b, "Data.batch_size=4", f"Global.resume={a / 'ckpt-00000006'}"), 2, worker)
     want, got1, got2 = losses(ref), losses(a), losses(b)
     assert sorted(got1) == [5, 6, 7, 8] and sorted(got2) == [7, 8]
     for s in (5, 6, 7, 8):
@@ -131,13 +110,13 @@ def test_sharded_equals_one_file_and_moves_between_world_sizes(tmp_path, faces):
 
 def test_a_rank_killed_between_shard_writes_leaves_the_previous_checkpoint(tmp_path, faces):
     out = tmp_path / "run"
-    text = launch(2, tiny(faces, out, "Data.batch_size=4", "Global.mode=eager"), "tests/workers/train_shard_crash.py",
-                  args=("4", "1"), expect_ok=False)
+    text = train(tiny(faces, out, "Data.batch_size=4", "Global.mode=eager"), 2, "tests/workers/train_shard_crash.py",
+                 args=("4", "1"), check=False).text
     assert not (out / "ckpt-00000004").exists(), text[-3000:]
     assert (out / ".ckpt-00000004.partial").is_dir()  # what the crash left
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000002"]
 
-    text = launch(2, tiny(faces, out, "Data.batch_size=4", "Global.mode=eager", "Global.resume=auto"))
+    text = train(tiny(faces, out, "Data.batch_size=4", "Global.mode=eager", "Global.resume=auto"), 2).text
     assert f"resumed from {out / 'ckpt-00000002'}: step 2" in text
     assert "removed .ckpt-00000004.partial" in text and not (out / ".ckpt-00000004.partial").exists()
     assert sorted(p.name for p in out.glob("ckpt-*")) == [f"ckpt-{s:08d}" for s in (2, 4, 6, 8)]
