@@ -27,6 +27,7 @@ import oneflow as flow
 from of_face import checkpoint, parallel
 from of_face.config import ModelCfg
 from of_face.models import build_backbone
+from of_face.oneflow_compat import sync
 from of_face.train.steps import TRAIN_STEP_VAR, StepperState
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -100,7 +101,7 @@ def main():
     slots = {} if args.no_momentum else {
         ("head.weight", "momentum_buf"): parallel.fc_weight_random(rows, args.dim, 0.01, "cpu")}
     system = SimpleNamespace(backbone=backbone, head=head, optimizer=SGD(), step=Stepper(slots))
-    flow._oneflow_internal.eager.Sync()
+    sync()
     if rank == 0:
         shutil.rmtree(args.out, ignore_errors=True)
         os.makedirs(args.out)
@@ -113,7 +114,7 @@ def main():
     parallel.barrier()
     with Peak() as load:
         checkpoint.load_checkpoint(path, system)
-        flow._oneflow_internal.eager.Sync()
+        sync()
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) \
         if os.path.isdir(path) else os.path.getsize(path)
     row = {"rank": rank, "world": world, "format": args.format, "classes": args.classes, "dim": args.dim,

@@ -8,7 +8,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 
@@ -16,6 +16,7 @@ from of_face import strict_yaml
 from of_face.config_fields import ConfigError, _at_least, _build, _choice, _parse_override
 from of_face.data.record_index import FLOAT32_EXACT
 from of_face.device import DEVICES, device_hint
+from of_face.io import PathLike, atomic_write
 
 
 FLOAT32_MAX = 3.4028234663852886e38
@@ -46,7 +47,7 @@ class GlobalCfg:
     # the FC weight reaches SHARDED_FROM_BYTES: at millions of classes one file on rank 0 does not scale)
     checkpoint_format: str = "auto"
 
-    def check(self):
+    def check(self) -> None:
         _choice("Global.mode", self.mode, ("graph", "eager"))
         _choice("Global.checkpoint_format", self.checkpoint_format, ("auto", "npz", "sharded"))
         _at_least("Global.save_interval", self.save_interval, 0)
@@ -80,7 +81,7 @@ class ModelCfg:
     # activations (less memory, ~1 extra forward); graph mode only
     activation_checkpointing: bool = False
 
-    def check(self):
+    def check(self) -> None:
         from of_face.models import MODELS, validate
 
         _choice("Model.name", self.name, tuple(MODELS))
@@ -110,7 +111,7 @@ class LossCfg:
     scale: float = 64.0
     sample_rate: float = 1.0  # PartialFC: share of class centres kept per step
 
-    def check(self):
+    def check(self) -> None:
         _at_least("Loss.num_classes", self.num_classes, 0)
         if len(self.margin) != 3:
             raise ConfigError(f"Loss.margin: expected [m1, m2, m3], got {self.margin}")
@@ -149,7 +150,7 @@ class DataCfg:
     synth_val_pairs: int = 600
     synth_difficulty: float = 1.0
 
-    def check(self):
+    def check(self) -> None:
         _choice("Data.dataset", self.dataset, ("synthetic", "rec", "folder"))
         if not 0.0 <= self.random_crop < 1.0:
             raise ConfigError(f"Data.random_crop: expected a value in [0, 1), got {self.random_crop}")
@@ -184,7 +185,7 @@ class OptimizerCfg:
     # Data.batch_size per rank (the loss / k); the LR schedule steps once per optimizer step
     accum_steps: int = 1
 
-    def check(self):
+    def check(self) -> None:
         _choice("Optimizer.name", self.name, ("sgd", "adamw"))
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"Optimizer.betas: expected two values in [0, 1), got {self.betas}")
@@ -205,7 +206,7 @@ class LRSchedulerCfg:
     warmup_steps: int = 0  # > 0: the warm-up in optimizer steps instead (PLSC's warmup_steps)
     power: float = 2.0  # 0: constant after warm-up
 
-    def check(self):
+    def check(self) -> None:
         if self.warmup_epochs < 0:
             raise ConfigError(f"LRScheduler.warmup_epochs: expected >= 0, got {self.warmup_epochs}")
         _at_least("LRScheduler.warmup_steps", self.warmup_steps, 0)
@@ -218,7 +219,7 @@ class AMPCfg:
     enable: bool = False
     init_scale: float = 65536.0
 
-    def check(self):
+    def check(self) -> None:
         if self.init_scale <= 0:
             raise ConfigError(f"AMP.init_scale: expected > 0, got {self.init_scale}")
 
@@ -233,7 +234,7 @@ class Config:
     LRScheduler: LRSchedulerCfg = field(default_factory=LRSchedulerCfg)
     AMP: AMPCfg = field(default_factory=AMPCfg)
 
-    def check(self):
+    def check(self) -> "Config":
         for f in dataclasses.fields(self):
             getattr(self, f.name).check()
         if self.Global.mode == "eager" and self.AMP.enable:
@@ -246,14 +247,14 @@ class Config:
             raise ConfigError("Model.activation_checkpointing: graph mode only; set Global.mode=graph")
         return self
 
-    def to_dict(self):
+    def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path=None, overrides=()):
+def load_config(path: Optional[PathLike] = None, overrides: Iterable[str] = ()) -> Config:
     """Read `path` (YAML) on top of the defaults, apply `Section.key=value` overrides, validate."""
     raw = {}
     if path is not None:
@@ -279,9 +280,7 @@ def load_config(path=None, overrides=()):
     return _build(Config, raw, prefix="").check()
 
 
-def save_config(cfg, path):
+def save_config(cfg: Config, path: PathLike) -> None:
     """Write the merged config atomically (of_face.io.atomic_write: temp name, fsync, rename)."""
-    from of_face.io import atomic_write
-
     with atomic_write(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -43,7 +43,7 @@ from of_face.io import atomic_path, check_output
 from of_face.models import build_backbone
 from of_face.onnx_surgery import (INPUT_NAME, MEAN, OUTPUT_NAME, STD, ExportError, _rename_value, add_normalization,
                                    fix_converter_output, flow_ops, make_batch_dynamic)
-from of_face.train.steps import EmbedGraph
+from of_face.models.embed_graph import EmbedGraph
 
 IMAGE_SIZE = 112
 # Batch size used to trace the graph: a prime that divides no channel, spatial or token size of

@@ -28,6 +28,8 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import oneflow as flow
 
+from of_face.oneflow_compat import sync
+
 SBP_BATCH = (flow.sbp.split(0),)
 SBP_PARAM = (flow.sbp.broadcast,)
 SBP_GATHERED = (flow.sbp.broadcast,)
@@ -236,7 +238,6 @@ def rank0_replicas(tensors: List[flow.Tensor]) -> Iterator[None]:
     backbone.npz and the exports hold, whatever the number of ranks."""
     # local-tensor reads and writes are not ordered against compiled graphs that use the same
     # variables (the training step writes BatchNorm statistics): wait around them
-    sync = flow._oneflow_internal.eager.Sync
     sync()
     replicated = [t for t in tensors if is_replicated(t)]
     own = [t.to_local().clone() for t in replicated]

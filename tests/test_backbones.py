@@ -11,7 +11,7 @@ import oneflow as flow
 from of_face.config import ConfigError, ModelCfg
 from of_face.models import FAMILY, MODELS, build_backbone
 from of_face.models.face_vit import DropPath
-from of_face.train.steps import EmbedGraph
+from of_face.models.embed_graph import EmbedGraph
 
 from conftest import run_worker
 

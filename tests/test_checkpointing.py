@@ -1,4 +1,4 @@
-"""Activation checkpointing in the compiled training step (`TrainGraph(..., checkpointing=True)`).
+"""Activation checkpointing in the compiled training step (`StepOptions(checkpointing=True)`).
 
 Two claims, each checked independently:
 - recomputing the blocks in backward changes nothing numerically: same losses, same updated
@@ -21,8 +21,8 @@ import oneflow as flow
 from of_face import parallel
 from of_face.config import ModelCfg, load_config
 from of_face.models import MODELS
-from of_face.train.steps import STEPPERS, checkpoint_block_names
-from of_face.train.system import build
+from of_face.train.steps import StepOptions, checkpoint_block_names
+from of_face.train.system import STEPPERS, build
 
 FAKE_OP = "Sys-Checkpointing-Fake-Fw-Op_"
 EMB, CLASSES, BATCH, STEPS = 16, 10, 4, 2
@@ -134,7 +134,6 @@ def test_config_switch_and_eager_refuses():
     assert ModelCfg().activation_checkpointing is False
     assert load_config(overrides=["Model.activation_checkpointing=true"]).Model.activation_checkpointing is True
     system = build_system(TINY["iresnet"])
-    backbone, head, optimizer, scheduler = system.backbone, system.head, system.optimizer, system.scheduler
-    STEPPERS["graph"](backbone, head, optimizer, scheduler, None)  # positional call still works
+    STEPPERS["graph"](system.parts, StepOptions(checkpointing=True))
     with pytest.raises(NotImplementedError, match="graph mode only"):
-        STEPPERS["eager"](backbone, head, optimizer, scheduler, None, checkpointing=True)
+        STEPPERS["eager"](system.parts, StepOptions(checkpointing=True))

@@ -2,9 +2,9 @@
 
 Layer order (docs/ARCHITECTURE.md; a module may import its own layer and lower ones):
 
-    0 base    of_face/__init__, _libs, parallel, io, scoring, strict_yaml, device, errors
+    0 base    of_face/__init__, _libs, oneflow_compat, parallel, io, scoring, strict_yaml, device, errors
     1 data    of_face/data/*
-    2 models  of_face/models/*
+    2 models  of_face/models/*        (models/embed_graph.py: EmbedGraph, for export and verification)
     3 heads   of_face/heads/*
     4 config  of_face/config.py        (may import models to validate Model.*)
     5 train   of_face/checkpoint.py, checkpoint_shards.py, run_folder.py, of_face/train/*
@@ -24,8 +24,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "of_face"
 LAYERS = ["base", "data", "models", "heads", "config", "train", "export", "eval", "top"]
 # module (dotted) or package prefix (ending in ".") -> layer name; the longest match wins
 RANKS = {
-    "of_face": "base", "of_face._libs": "base", "of_face.parallel": "base", "of_face.io": "base",
-    "of_face.scoring": "base", "of_face.strict_yaml": "base", "of_face.device": "base", "of_face.errors": "base",
+    "of_face": "base", "of_face._libs": "base", "of_face.oneflow_compat": "base", "of_face.parallel": "base",
+    "of_face.io": "base", "of_face.scoring": "base", "of_face.strict_yaml": "base", "of_face.device": "base",
+    "of_face.errors": "base",
     "of_face.data.": "data", "of_face.data": "data",
     "of_face.models.": "models", "of_face.models": "models",
     "of_face.heads.": "heads", "of_face.heads": "heads",

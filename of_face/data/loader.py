@@ -14,15 +14,28 @@ per sample seeded from (seed, epoch, index) for the same reason.
 """
 import collections
 import multiprocessing
+import multiprocessing.pool
 import sys
 import weakref
+from typing import Any, Iterator, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
-from of_face.data.augment import sample_rng
+from of_face.data.augment import Augment, sample_rng
+
+Batch = Tuple[np.ndarray, np.ndarray]  # (images [B, 3, H, W], labels int64 [B])
 
 
-def epoch_plan(num_samples, epoch, seed=0, shuffle=True, flip=True):
+class Dataset(Protocol):
+    """What the loader reads: item i is (uint8 image [H, W, 3], integer label)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Tuple[np.ndarray, int]: ...
+
+
+def epoch_plan(num_samples: int, epoch: int, seed: int = 0, shuffle: bool = True,
+               flip: bool = True) -> Tuple[np.ndarray, np.ndarray]:
     """Return (order, flip_of_index) for one epoch; identical on every rank.
 
     ``order`` is a permutation of ``range(num_samples)`` (identity when not shuffling);
@@ -37,7 +50,8 @@ def epoch_plan(num_samples, epoch, seed=0, shuffle=True, flip=True):
     return order.astype(np.int64), coins
 
 
-def load_batch(dataset, indices, flips, augment=None, stream=(0, 0)):
+def load_batch(dataset: Dataset, indices: Sequence[int], flips: Sequence[bool], augment: Optional[Augment] = None,
+               stream: Tuple[int, int] = (0, 0)) -> Batch:
     """Decode ``dataset[i]`` for each index, mirror where asked, then ``augment`` it with the sample's
     generator for ``stream`` = (seed, epoch); return (uint8 [B,3,H,W], int64 [B])."""
     images, labels = [], []
@@ -62,19 +76,19 @@ class SkipBadRecords:
     Deterministic: the replacement depends only on the index, so batches stay the same for any
     number of loader workers. Labels are those of the replacement."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset: Dataset):
         self.dataset = dataset
         self.skipped = 0  # in this process (loader workers count their own)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getattr__(self, name):  # labels(), num_classes, ... of the wrapped set
+    def __getattr__(self, name: str) -> Any:  # labels(), num_classes, ... of the wrapped set
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int) -> Tuple[np.ndarray, int]:
         n = len(self.dataset)
         for k in range(n):
             try:
@@ -86,7 +100,7 @@ class SkipBadRecords:
         raise ValueError(f"no readable image among the {n} of the data set")
 
 
-def normalize(batch_uint8):
+def normalize(batch_uint8: np.ndarray) -> np.ndarray:
     """uint8 [B,3,H,W] -> float32 in [-1, 1], i.e. (x / 255 - 0.5) / 0.5."""
     return (batch_uint8.astype(np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5)
 
@@ -96,12 +110,12 @@ def normalize(batch_uint8):
 _WORKER_DATASET = _WORKER_AUGMENT = None
 
 
-def _init_worker(dataset, augment=None):
+def _init_worker(dataset: Dataset, augment: Optional[Augment] = None) -> None:
     global _WORKER_DATASET, _WORKER_AUGMENT
     _WORKER_DATASET, _WORKER_AUGMENT = dataset, augment
 
 
-def _worker_load_batch(indices, flips, stream):
+def _worker_load_batch(indices: np.ndarray, flips: np.ndarray, stream: Tuple[int, int]) -> Batch:
     return load_batch(_WORKER_DATASET, indices, flips, _WORKER_AUGMENT, stream)
 
 
@@ -117,8 +131,9 @@ class ShardedLoader:
     make fork unsafe.
     """
 
-    def __init__(self, dataset, batch_size, rank, world_size, seed=0, num_workers=0, shuffle=True,
-                 flip=True, prefetch=2, start_method="fork", augment=None):
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int = 0,
+                 num_workers: int = 0, shuffle: bool = True, flip: bool = True, prefetch: int = 2,
+                 start_method: str = "fork", augment: Optional[Augment] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         if batch_size < 1:
@@ -139,16 +154,16 @@ class ShardedLoader:
             raise ValueError(f"dataset of {len(dataset)} images is smaller than one global batch "
                              f"({self.batch_size} x {self.world_size} ranks)")
 
-    def set_epoch(self, epoch, start_batch=0):
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Iterate over ``epoch``'s batches from ``start_batch`` on (a resumed run skips the ones it
         already trained on without decoding them)."""
         self.epoch = int(epoch)
         self.start_batch = int(start_batch)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.dataset) // (self.batch_size * self.world_size)
 
-    def shard_plan(self, epoch=None):
+    def shard_plan(self, epoch: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
         """(indices [len, B], flips [len, B]) that this rank reads in ``epoch`` (default: current)."""
         epoch = self.epoch if epoch is None else epoch
         order, coins = epoch_plan(len(self.dataset), epoch, self.seed, self.shuffle, self.flip)
@@ -157,7 +172,7 @@ class ShardedLoader:
         indices = used[:, self.rank]
         return indices, coins[indices]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch]:
         indices, flips = self.shard_plan()
         start = getattr(self, "start_batch", 0)
         indices, flips = indices[start:], flips[start:]
@@ -184,7 +199,7 @@ class ShardedLoader:
                 pending.append(pool.apply_async(_worker_load_batch, task))
             yield normalize(images), labels
 
-    def _get_pool(self):
+    def _get_pool(self) -> multiprocessing.pool.Pool:
         if self._pool is None:
             context = multiprocessing.get_context(self.start_method)
             self._pool = context.Pool(self.num_workers, initializer=_init_worker,
@@ -193,19 +208,19 @@ class ShardedLoader:
             self._finalizer = weakref.finalize(self, self._pool.terminate)
         return self._pool
 
-    def close(self):
+    def close(self) -> None:
         """Stop the worker processes (a later iteration starts new ones)."""
         if self._finalizer is not None:
             self._finalizer()
         self._pool, self._finalizer = None, None
 
-    def __enter__(self):
+    def __enter__(self) -> "ShardedLoader":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_pool"] = state["_finalizer"] = None
         return state

@@ -12,6 +12,7 @@ import oneflow as flow
 
 from of_face import parallel
 from of_face.io import atomic_write
+from of_face.oneflow_compat import sync
 from of_face.models.interop import import_state, is_foreign
 
 BACKBONE_FILE = "backbone.npz"
@@ -19,7 +20,7 @@ BACKBONE_FILE = "backbone.npz"
 
 def save_backbone(backbone: flow.nn.Module, out_dir: str, step: int) -> str:
     path = os.path.join(out_dir, BACKBONE_FILE)
-    flow._oneflow_internal.eager.Sync()  # every queued step done (as nn.Graph.state_dict() does)
+    sync()  # every queued step done (as nn.Graph.state_dict() does)
     state = {k: (v.to_local() if v.is_global else v).numpy() for k, v in backbone.state_dict().items()}
     if parallel.rank() == 0:
         write_backbone(state, path, step)

@@ -20,23 +20,29 @@ reach job 2. Sparse AdamW's bias correction counts the FC updates actually made 
 GradScaler skips optimizer.step, so its state['step'] stays on a skipped step).
 """
 import copy
+from dataclasses import replace
+from typing import List, Optional, Tuple
 
 import numpy as np
 import oneflow as flow
 import oneflow.nn as nn
 
 from of_face import parallel
-from of_face.train.optim import (_one_clip_conf_in_graph, bias_correct_kept_rows, scheduled_lr,
-                                 sparse_bias_correction_group)
-from of_face.train.steps import EAGER_SLOTS, GRAPH_SLOTS, TRAIN_STEP_VAR, GraphStep, StepperState, TrainGraph
+from of_face.oneflow_compat import LRScheduler, enable_sparse_updates
+from of_face.train.optim import SparseAdamCorrection, one_clip_conf_in_graph
+from of_face.train.steps import FCJob, GraphStep, StepOptions, StepParts, StepperState, TrainGraph
+
+# (optimizer, its scheduler) of one job; (None, None): nothing to train in it
+OptimizerPair = Tuple[Optional[flow.optim.Optimizer], Optional[LRScheduler]]
 
 
 class AmpTrainGraph(TrainGraph):
     """Job 1: the backbone's AMP step; returns (loss, kept positions, kept rows' gradient table)."""
 
-    def build(self, images, labels, noise):
+    def build(self, images: flow.Tensor, labels: flow.Tensor,
+              noise: flow.Tensor) -> Tuple[flow.Tensor, flow.Tensor, flow.Tensor]:
         out, row_grad = self.head.objective_and_row_grad(self.backbone(images), labels, noise)
-        if self._opts:  # (no backbone parameters: forward only)
+        if self.trains:  # (no backbone parameters: forward only)
             out.objective.backward()
         return out.loss, out.kept, row_grad
 
@@ -44,41 +50,40 @@ class AmpTrainGraph(TrainGraph):
 class FCUpdateGraph(nn.Graph):
     """Job 2: the FC's sparse update from the kept rows' (unscaled) gradient."""
 
-    def __init__(self, head, optimizer, scheduler):
+    def __init__(self, head: nn.Module, optimizer: flow.optim.Optimizer, scheduler: LRScheduler):
         super().__init__()
         self.head = head
         self.add_optimizer(optimizer, lr_sch=scheduler)
-        sparse = self.config.proto.indexed_slices_optimizer_conf
-        sparse.enable = True
-        sparse.include_op_names.op_name.append("head.weight")
+        enable_sparse_updates(self, ["head.weight"])
 
-    def build(self, row_grad, kept):
+    def build(self, row_grad: flow.Tensor, kept: flow.Tensor) -> flow.Tensor:
         rows = flow.index_select(self.head.weight, 0, kept)  # [k, world, dim]: each rank its own rows
         link = (rows * row_grad).sum()  # d link / d rows = row_grad
         link.backward()
         return link
 
 
-def split_optimizer(optimizer, scheduler, head):
-    """((backbone optimizer, its scheduler), (FC optimizer, its scheduler)): the run's groups,
+def split_optimizer(optimizer: flow.optim.Optimizer, scheduler: LRScheduler,
+                    head: nn.Module) -> List[OptimizerPair]:
+    """[(backbone optimizer, its scheduler), (FC optimizer, its scheduler)]: the run's groups,
     options and LR schedule, as two optimizers nn.Graph can hold apart (OneFlow ties a scheduler
     to one optimizer, and one optimizer to the graph that holds its variables)."""
     fc = {id(p) for p in head.parameters()}
     parts = ([], [])
     for g in optimizer.param_groups:
-        parts[any(id(p) in fc for p in g.parameters)].append(dict(g._options, params=list(g.parameters)))
+        parts[any(id(p) in fc for p in g.parameters)].append(dict(g.options, params=list(g.parameters)))
     pairs = []
     for groups in parts:
         if not groups:  # (an FC-only system: the identity backbone of the benches and tests)
             pairs.append((None, None))
             continue
         opt = type(optimizer)(groups)
-        _one_clip_conf_in_graph(opt)
+        one_clip_conf_in_graph(opt)
         pairs.append((opt, scheduler_like(scheduler, opt)))
     return pairs
 
 
-def scheduler_like(scheduler, optimizer):
+def scheduler_like(scheduler: LRScheduler, optimizer: flow.optim.Optimizer) -> LRScheduler:
     """A copy of `scheduler` (and of the schedulers it chains) driving `optimizer`."""
     clone = copy.copy(scheduler)
     clone.optimizer = optimizer
@@ -90,21 +95,22 @@ def scheduler_like(scheduler, optimizer):
 class AmpSparseStep(GraphStep):
     """GraphStep for AMP + sparse FC updates (see the module docstring)."""
 
-    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
-        (opt1, sch1), (opt2, sch2) = split_optimizer(optimizer, scheduler, head)
-        self.bias_corrected = sparse_bias_correction_group(opt2)
-        self.graph = AmpTrainGraph(backbone, head, opt1, sch1, amp, checkpointing, accum_steps)
-        self.fc_graph = FCUpdateGraph(head, opt2, sch2)
-        self.fc_job = self.fc_graph  # (GraphStep._fc_moments reads the FC's state from it)
-        self.backbone, self.head, self.placement = backbone, head, head.weight.placement
-        self.scheduler = scheduler
-        self.accum_steps = accum_steps
-        self.steps_done = 0
+    def __init__(self, parts: StepParts, options: StepOptions):
         self.fc_updates = 0  # FC steps taken (skipped steps excluded): sparse AdamW's t
-        self._scale = float(amp.init_scale)
+        self._scale = float(options.init_scale)  # the loss scale after the last step
+        super().__init__(parts, options)
 
-    def __call__(self, images, labels):
-        noise = self.head.step_noise(self.steps_done, self.accum_steps)
+    def _jobs(self) -> Tuple[TrainGraph, FCJob, Optional[SparseAdamCorrection]]:
+        parts = self.parts
+        (opt1, sch1), (opt2, sch2) = split_optimizer(parts.optimizer, parts.scheduler, parts.head)
+        correction = SparseAdamCorrection.of(opt2, parts.scheduler)
+        graph = AmpTrainGraph(replace(parts, optimizer=opt1, scheduler=sch1), self.options)
+        self.fc_graph = FCUpdateGraph(parts.head, opt2, sch2)
+        return graph, FCJob(self.fc_graph, self.placement), correction
+
+    def __call__(self, images: flow.Tensor, labels: flow.Tensor) -> flow.Tensor:
+        head = self.parts.head
+        noise = head.step_noise(self.steps_done, self.options.accum_steps)
         loss, kept, row_grad = self.graph(images, labels, noise)
         step = self.steps_done
         self.steps_done += 1
@@ -114,39 +120,16 @@ class AmpSparseStep(GraphStep):
         finite = bool(np.isfinite(parallel.to_numpy(loss)).all())
         if not parallel.all_ok(finite and not dropped):
             return loss  # job 1 skipped its update on every rank: so does the FC
-        self._set_fc_step(step)
+        self.fc_job.set_step(step)
         self.fc_graph(row_grad, kept)
         self.fc_updates += 1
-        if self.bias_corrected is not None:
-            g, slots = self.bias_corrected, self._fc_moments()
-            flow._oneflow_internal.eager.Sync()
-            bias_correct_kept_rows(self.head.weight, slots["m"], slots["v"], kept,
-                                   scheduled_lr(self.scheduler, g["initial_lr"], step),
-                                   self.fc_updates, g["betas"], g["eps"])
-            flow._oneflow_internal.eager.Sync()
+        if self.correction is not None:
+            self.correction.after_compiled_step(head.weight, self.fc_job.moments(), kept, step, self.fc_updates)
         return loss
-
-    def _fc_variables(self):
-        return self.fc_graph.state_dict() if self.fc_graph._is_compiled else {}
-
-    def _set_fc_step(self, step):
-        """Job 2's step counter := the global step, so its compiled LR schedule gives this step's LR."""
-        if not self.fc_graph._is_compiled:  # handed over at compilation, like a resumed variable
-            value = parallel.broadcast_array(np.array([step], np.int64), self.placement)
-            self.fc_graph.load_state_dict({TRAIN_STEP_VAR: value}, strict=False)
-            return
-        if getattr(self, "_fc_step_var", None) is None:  # the live variable, found once
-            self._fc_step_var = self.fc_graph.state_dict()[TRAIN_STEP_VAR]
-        flow._oneflow_internal.eager.Sync()  # (local writes are not ordered against the jobs)
-        self._fc_step_var.to_local().fill_(step)
-        flow._oneflow_internal.eager.Sync()
 
     def state_dict(self) -> StepperState:
         state = super().state_dict()
-        for name, t in self._fc_variables().items():
-            param, _, suffix = name.rpartition("-")
-            if param == "head.weight" and suffix in GRAPH_SLOTS:
-                state.slots[(param, GRAPH_SLOTS[suffix])] = t
+        state.slots.update(self.fc_job.slots())
         state.variables["fc_updates"] = np.array([self.fc_updates], np.int64)
         return state
 
@@ -159,6 +142,4 @@ class AmpSparseStep(GraphStep):
         if "fc_updates" in state.variables:
             self.fc_updates = int(np.asarray(state.variables["fc_updates"]).reshape(-1)[0])
         if fc_slots:
-            self.fc_graph.load_state_dict({f"{p}-{EAGER_SLOTS[s]}": t for (p, s), t in fc_slots.items()}, strict=False)
-
-
+            self.fc_job.load_slots(fc_slots)

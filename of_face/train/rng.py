@@ -15,10 +15,9 @@ def rng_states() -> Tuple[Dict[str, np.ndarray], dict]:
     # manual_seed/manual_seed_all, nothing to read a state back), and the random ops of a step
     # restart their stream on resume anyway (module docstring)
     states = {"rng/flow_cpu": flow.default_generator.get_state().numpy()}
-    np_state = np.random.get_state()
-    states["rng/numpy_keys"] = np_state[1]
-    return states, {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-                    "python": repr(random.getstate())}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states["rng/numpy_keys"] = keys
+    return states, {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": repr(random.getstate())}
 
 
 def set_rng_states(arrays, meta: dict) -> None:

@@ -1,13 +1,18 @@
-"""One training step, two ways: compiled (`nn.Graph`) or eager. Same modules, same tensors.
+"""One training step, two ways: compiled (`GraphStep`, here) or eager (`EagerStep`,
+train/eager_step.py). Same modules, same tensors.
 
 Both take a global batch (images, labels split along the batch) and return the global mean
-loss; the trainer loop above them does not know which one it drives (`Stepper`). Each also
-owns its optimizer state in a form that does not depend on the mode (`StepperState`): slots
-named like eager OneFlow's (`momentum_buf`, `exp_avg`, `exp_avg_sq`) per parameter name, plus
-nn.Graph's own variables; the translation between nn.Graph's names and those lives here, so a
-checkpoint written in one mode resumes in the other.
+loss; the trainer loop above them does not know which one it drives (`Stepper`). Every stepper
+is built the same way, `Stepper(StepParts, StepOptions)`: the TrainingSystem's modules,
+optimizer and LR schedule, and one set of options. Each also owns its optimizer state in a form
+that does not depend on the mode (`StepperState`): slots named like eager OneFlow's
+(`momentum_buf`, `exp_avg`, `exp_avg_sq`) per parameter name, plus nn.Graph's own variables; the
+translation between nn.Graph's names and those lives in the steppers, so a checkpoint written in
+one mode resumes in the other. What the steppers share is a part each uses, not a copy:
+`FCJob` (the compiled job that updates the FC: its slots and step counter) and
+`optim.SparseAdamCorrection` (sparse AdamW's bias correction of the kept rows).
 
-Activation checkpointing (`checkpointing=True`, graph mode only): every block the backbone
+Activation checkpointing (`StepOptions.checkpointing`, graph mode only): every block the backbone
 names in `checkpoint_blocks()` (residual / transformer blocks) is marked with OneFlow 0.9's
 per-module switch `proxy.to(GraphModule).activation_checkpointing = True`. OneFlow then keeps
 only each block's input for backward and recomputes the block's forward ops there (its compiled
@@ -15,7 +20,7 @@ job gains ops named `Sys-Checkpointing-Fake-Fw-Op_*`): less activation memory fo
 forward pass.
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import numpy as np
 import oneflow as flow
@@ -23,8 +28,10 @@ import oneflow.nn as nn
 from oneflow.nn.graph import GraphModule
 
 from of_face import parallel
+from of_face.config import Config
 from of_face.models import checkpoint_blocks
-from of_face.train.optim import bias_correct_kept_rows, clip_groups, scheduled_lr, sparse_bias_correction_group
+from of_face.oneflow_compat import LRScheduler, enable_sparse_updates, sync
+from of_face.train.optim import SparseAdamCorrection
 
 # nn.Graph's optimizer-state suffixes <-> eager optimizer state keys
 GRAPH_SLOTS = {"momentum": "momentum_buf", "m": "exp_avg", "v": "exp_avg_sq"}
@@ -33,11 +40,44 @@ OPTIMIZER_SLOTS = {"SGD": ("momentum_buf",), "AdamW": ("exp_avg", "exp_avg_sq")}
 # nn.Graph's optimizer step counter: drives the in-graph LR schedule and AdamW's bias correction
 TRAIN_STEP_VAR = "System-Train-TrainStep"
 GRAPH_NAME = "{graph}"  # stands for the graph's own name in saved variable names
+LOSS_SCALE_GROWTH_INTERVAL = 2000  # AMP: steps without overflow before the loss scale doubles
 
 
-def checkpoint_block_names(backbone):
+def checkpoint_block_names(backbone: nn.Module) -> List[str]:
     """Dotted names of the backbone's blocks that activation checkpointing marks."""
     return checkpoint_blocks(backbone)
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """What a stepper steps: the TrainingSystem's modules, optimizer and LR schedule.
+
+    optimizer/scheduler may be None for a job with nothing of the backbone to train
+    (train/amp_sparse.py); the steppers themselves always get both.
+    """
+    backbone: nn.Module
+    head: nn.Module  # PartialFC (heads/partial_fc.py)
+    optimizer: Optional[flow.optim.Optimizer]
+    scheduler: Optional[LRScheduler]
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How a step runs (one set for every stepper; eager mode refuses what it cannot do).
+
+    amp:           FP16 (O1) with a dynamic loss scale starting at `init_scale` (graph mode)
+    checkpointing: activation checkpointing of the backbone's blocks (graph mode)
+    accum_steps:   micro-batches whose gradients one optimizer step averages
+    """
+    amp: bool = False
+    init_scale: float = 65536.0
+    checkpointing: bool = False
+    accum_steps: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "StepOptions":
+        return cls(amp=cfg.AMP.enable, init_scale=cfg.AMP.init_scale,
+                   checkpointing=cfg.Model.activation_checkpointing, accum_steps=cfg.Optimizer.accum_steps)
 
 
 @dataclass
@@ -57,7 +97,7 @@ class StepperState:
 
 
 class Stepper(Protocol):
-    """What the trainer, the checkpoint and the tests drive: `STEPPERS[mode](...)`."""
+    """What the trainer, the checkpoint and the tests drive: `STEPPERS[mode](parts, options)`."""
     steps_done: int
 
     def __call__(self, images: flow.Tensor, labels: flow.Tensor) -> flow.Tensor: ...
@@ -69,7 +109,7 @@ class Stepper(Protocol):
     def load_state_dict(self, state: StepperState) -> None: ...
 
 
-def named_parameters(backbone, head) -> Dict[str, flow.Tensor]:
+def named_parameters(backbone: nn.Module, head: nn.Module) -> Dict[str, flow.Tensor]:
     """Parameters by the names nn.Graph gives them (its attributes are `backbone` and `head`)."""
     named = {f"backbone.{n}": p for n, p in backbone.named_parameters()}
     named.update({f"head.{n}": p for n, p in head.named_parameters()})
@@ -79,103 +119,127 @@ def named_parameters(backbone, head) -> Dict[str, flow.Tensor]:
 class TrainGraph(nn.Graph):
     """backbone -> head -> loss -> backward -> optimizer + LR schedule, compiled as one job."""
 
-    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1,
-                 return_kept=False):
+    def __init__(self, parts: StepParts, options: StepOptions, return_kept: bool = False):
         super().__init__()
-        self.backbone = backbone
-        self.head = head
+        self.backbone = parts.backbone
+        self.head = parts.head
         self.return_kept = return_kept  # also output the kept centres (sparse AdamW's bias correction)
-        self.checkpointed_blocks = checkpoint_block_names(backbone) if checkpointing else []
-        if checkpointing and not self.checkpointed_blocks:
-            raise ValueError(f"activation checkpointing: {type(backbone).__name__} has no block to checkpoint")
+        self.trains = parts.optimizer is not None  # (None: nothing of the backbone to train, train/amp_sparse.py)
+        self.loss_scaled = options.amp and self.trains  # AMP's dynamic loss scale is a variable of this job
+        self.checkpointed_blocks = checkpoint_block_names(parts.backbone) if options.checkpointing else []
+        if options.checkpointing and not self.checkpointed_blocks:
+            raise ValueError(f"activation checkpointing: {type(parts.backbone).__name__} has no block to checkpoint")
         for name in self.checkpointed_blocks:
             proxy = self.backbone
             for part in name.split("."):
                 proxy = getattr(proxy, part)
             proxy.to(GraphModule).activation_checkpointing = True
-        if optimizer is not None:  # (None: nothing of the backbone to train, see train/amp_sparse.py)
-            self.add_optimizer(optimizer, lr_sch=scheduler)
-        sparse_variables = getattr(head, "sparse_variables", ())
+        if self.trains:
+            self.add_optimizer(parts.optimizer, lr_sch=parts.scheduler)
+        sparse_variables = getattr(parts.head, "sparse_variables", ())
         if sparse_variables:
             # gather(head.weight) + its optimizer -> indexed_slices_{momentum,adam}_update:
             # only the kept rows and their optimizer state are touched (see heads/partial_fc.py)
-            sparse = self.config.proto.indexed_slices_optimizer_conf
-            sparse.enable = True
-            for name in sparse_variables:
-                sparse.include_op_names.op_name.append(f"head.{name}")
-        if accum_steps > 1:
+            enable_sparse_updates(self, [f"head.{name}" for name in sparse_variables])
+        if options.accum_steps > 1:
             # the batch fed in is accum_steps micro-batches (split per rank along dim 0); OneFlow
             # averages their gradients (the loss / k) and steps optimizer and LR schedule once
-            self.config.set_gradient_accumulation_steps(accum_steps)
-        if amp is not None and amp.enable:
+            self.config.set_gradient_accumulation_steps(options.accum_steps)
+        if options.amp:
             self.config.enable_amp(True)
-        if amp is not None and amp.enable and optimizer is not None:
-            self.set_grad_scaler(flow.amp.GradScaler(init_scale=amp.init_scale, growth_interval=2000))
+        if self.loss_scaled:
+            self.set_grad_scaler(flow.amp.GradScaler(init_scale=options.init_scale,
+                                                     growth_interval=LOSS_SCALE_GROWTH_INTERVAL))
 
-    def build(self, images, labels, noise=None):
+    def build(self, images: flow.Tensor, labels: flow.Tensor, noise: Optional[flow.Tensor] = None) -> Any:
+        """The loss ((loss, kept positions) with `return_kept`)."""
         out = self.head.objective(self.backbone(images), labels, noise)
         out.objective.backward()
         return (out.loss, out.kept) if self.return_kept else out.loss
 
 
-class EmbedGraph(nn.Graph):
-    """Inference: images -> embeddings (backbone in eval mode at compile time)."""
+class FCJob:
+    """The compiled job whose optimizer updates the FC weight (`head.weight`): its optimizer
+    slots and step counter, live variables of the job found once. GraphStep: the training graph
+    itself; AMP + sparse (train/amp_sparse.py): a job of its own."""
 
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
+    def __init__(self, graph: nn.Graph, placement: flow.placement):
+        self.graph, self.placement = graph, placement
+        self._moments: Optional[Dict[str, flow.Tensor]] = None
+        self._step_var: Optional[flow.Tensor] = None
 
-    def build(self, images):
-        return self.backbone(images)
+    def moments(self) -> Dict[str, flow.Tensor]:
+        """The Adam moments of the FC weight ({"m", "v"})."""
+        if self._moments is None:
+            self._moments = {n.rpartition("-")[2]: t for n, t in self.graph.state_dict().items()
+                             if n.startswith("head.weight-")}
+        return self._moments
+
+    def slots(self) -> Dict[Tuple[str, str], flow.Tensor]:
+        """The FC weight's optimizer slots by eager name (none before the job is compiled)."""
+        if not self.graph.is_compiled:
+            return {}
+        out = {}
+        for name, t in self.graph.state_dict().items():
+            param, _, suffix = name.rpartition("-")
+            if param == "head.weight" and suffix in GRAPH_SLOTS:
+                out[(param, GRAPH_SLOTS[suffix])] = t
+        return out
+
+    def load_slots(self, slots: Dict[Tuple[str, str], Any]) -> None:
+        """Before the first call: hand the job the FC weight's slots."""
+        self.graph.load_state_dict({f"{p}-{EAGER_SLOTS[s]}": t for (p, s), t in slots.items()}, strict=False)
+
+    def set_step(self, step: int) -> None:
+        """The job's step counter := `step`, so its compiled LR schedule gives that step's LR."""
+        if not self.graph.is_compiled:  # handed over at compilation, like a resumed variable
+            value = parallel.broadcast_array(np.array([step], np.int64), self.placement)
+            self.graph.load_state_dict({TRAIN_STEP_VAR: value}, strict=False)
+            return
+        if self._step_var is None:
+            self._step_var = self.graph.state_dict()[TRAIN_STEP_VAR]
+        sync()  # (local writes are not ordered against the jobs)
+        self._step_var.to_local().fill_(step)
+        sync()
 
 
 class GraphStep:
-    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
-        self.bias_corrected = sparse_bias_correction_group(optimizer)  # sparse AdamW's FC group, if any
-        self.graph = TrainGraph(backbone, head, optimizer, scheduler, amp, checkpointing, accum_steps,
-                                return_kept=self.bias_corrected is not None)
-        self.fc_job = self.graph  # the compiled job whose optimizer updates the FC
-        self.backbone, self.head, self.placement = backbone, head, head.weight.placement  # all ranks
-        self.scheduler = scheduler
-        self.accum_steps = accum_steps
-        self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
+    """The compiled step: one TrainGraph updates backbone and FC."""
 
-    def __call__(self, images, labels):
-        if self.head.sampling:
-            noise = self.head.step_noise(self.steps_done, self.accum_steps)
+    def __init__(self, parts: StepParts, options: StepOptions):
+        self.parts, self.options = parts, options
+        self.placement = parts.head.weight.placement  # all ranks
+        self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
+        self.graph, self.fc_job, self.correction = self._jobs()
+
+    def _jobs(self) -> Tuple[TrainGraph, FCJob, Optional[SparseAdamCorrection]]:
+        """(the training job, the job that updates the FC, sparse AdamW's correction or None)."""
+        correction = SparseAdamCorrection.of(self.parts.optimizer, self.parts.scheduler)
+        graph = TrainGraph(self.parts, self.options, return_kept=correction is not None)
+        return graph, FCJob(graph, self.placement), correction
+
+    def __call__(self, images: flow.Tensor, labels: flow.Tensor) -> flow.Tensor:
+        head = self.parts.head
+        if head.sampling:
+            noise = head.step_noise(self.steps_done, self.options.accum_steps)
             loss = self.graph(images, labels, noise)
         else:
             loss = self.graph(images, labels)
         self.steps_done += 1
-        if self.bias_corrected is not None:
+        if self.correction is not None:
             loss, kept = loss
-            g, slots = self.bias_corrected, self._fc_moments()
-            # The graph's variables are read and written through their local tensors, which the
-            # VM does not order against the compiled step: wait for the step, then for the writes
-            # (measured: without the first wait, step 2 reads stale moments).
-            flow._oneflow_internal.eager.Sync()
-            bias_correct_kept_rows(self.head.weight, slots["m"], slots["v"], kept,
-                                   scheduled_lr(self.scheduler, g["initial_lr"], self.steps_done - 1),
-                                   self.steps_done, g["betas"], g["eps"])
-            flow._oneflow_internal.eager.Sync()
-        return loss.mean() if self.accum_steps > 1 else loss  # one loss per micro-batch
+            self.correction.after_compiled_step(head.weight, self.fc_job.moments(), kept, self.steps_done - 1,
+                                                self.steps_done)
+        return loss.mean() if self.options.accum_steps > 1 else loss  # one loss per micro-batch
 
-    def _fc_moments(self):
-        """The Adam moments of the FC weight ({"m", "v"}): live variables of the job that updates
-        the FC (`fc_job`: this graph; AMP + sparse has its own, train/amp_sparse.py), found once."""
-        if getattr(self, "_moments", None) is None:
-            self._moments = {n.rpartition("-")[2]: t for n, t in self.fc_job.state_dict().items()
-                             if n.startswith("head.weight-")}
-        return self._moments
-
-    def loss_scale(self):
+    def loss_scale(self) -> Optional[float]:
         """AMP's current dynamic loss scale on rank 0 (None elsewhere, and without AMP).
 
         The live scale is a variable of the compiled job, exposed by `nn.Graph.state_dict()` as
         `System-Train-DynamicLossScale-<graph>-LossScale`: one element placed on rank 0 only. It is
         read locally, without communication, so any rank may call this alone.
         """
-        if getattr(self.graph, "_grad_scaler", None) is None:
+        if not self.graph.loss_scaled:
             return None
         for name, value in self.graph.state_dict().items():
             if name.endswith("-LossScale") and not isinstance(value, dict):
@@ -186,7 +250,7 @@ class GraphStep:
     def state_dict(self) -> StepperState:
         """nn.Graph's variables: optimizer slots (`<param>-momentum`, `-m`, `-v`) by eager name,
         the rest (step counter, AMP's loss scale) under their names with GRAPH_NAME."""
-        named = named_parameters(self.backbone, self.head)
+        named = named_parameters(self.parts.backbone, self.parts.head)
         state = StepperState(step=self.steps_done)
         for name, t in self.graph.state_dict().items():
             if isinstance(t, dict) or "FreeEagerTensor" in name:  # constants (PartialFC's pad bias): rebuilt
@@ -203,113 +267,11 @@ class GraphStep:
         broadcast; slots come placed like their parameters)."""
         graph = self.graph
         values = {f"{param}-{EAGER_SLOTS[slot]}": t for (param, slot), t in state.slots.items()}
-        ref = next(iter(self.backbone.parameters()))
+        ref = next(iter(self.parts.backbone.parameters()))
         for name, value in state.variables.items():
             name = name.replace(GRAPH_NAME, graph.name)
-            if "DynamicLossScale" in name and getattr(graph, "_grad_scaler", None) is None:
+            if "DynamicLossScale" in name and not graph.loss_scaled:
                 continue  # saved under AMP, resumed without: nothing to restore
             values[name] = parallel.broadcast_array(value, ref.placement) if isinstance(value, np.ndarray) else value
         graph.load_state_dict(values, strict=False)
         self.steps_done = int(state.step)
-
-
-class EagerStep:
-    def __init__(self, backbone, head, optimizer, scheduler, amp=None, checkpointing=False, accum_steps=1):
-        if amp is not None and amp.enable:
-            raise NotImplementedError("AMP is available in graph mode only (Global.mode=graph)")
-        if checkpointing:
-            raise NotImplementedError("activation checkpointing is available in graph mode only (Global.mode=graph)")
-        self.backbone, self.head = backbone, head
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.bias_corrected = sparse_bias_correction_group(optimizer)  # sparse AdamW's FC group, if any
-        self.accum_steps = accum_steps
-        self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
-
-    def __call__(self, images, labels):
-        loss = 0.0
-        micro = [self._micro_batches(images), self._micro_batches(labels), [None] * self.accum_steps]
-        if self.head.sampling:
-            micro[2] = self._micro_batches(self.head.step_noise(self.steps_done, self.accum_steps))
-        self.steps_done += 1
-        for x, y, noise in zip(*micro):
-            out = self.head.objective(self.backbone(x), y, noise)
-            (out.objective / self.accum_steps).backward()  # gradients add up to the mean over micro-batches
-            loss = loss + out.loss.detach() / self.accum_steps
-        if getattr(self.head, "sparse_update", False):  # (no accumulation with it: one kept index)
-            kept = self.head.sampled_mask(out.kept)  # [local, 1, 1]: rows of the weight table
-            before = self._fc_state()
-        clipped = clip_groups(self.optimizer)  # the graph clips inside its update: one norm, as here
-        if clipped:
-            params = [p for g in clipped for p in g.parameters if p.grad is not None]
-            flow.nn.utils.clip_grad_norm_(params, clipped[0]["clip_grad_max_norm"], 2.0)
-        self.optimizer.step()
-        if getattr(self.head, "sparse_update", False):
-            self._keep_unsampled_rows(kept, before)
-        if self.bias_corrected is not None:  # the LR of this step: the scheduler steps below
-            g, state = self.bias_corrected, self.optimizer._state[self.head.weight]
-            bias_correct_kept_rows(self.head.weight, state["exp_avg"], state["exp_avg_sq"], out.kept, g["lr"],
-                                   self.steps_done, g["betas"], g["eps"])
-        self.optimizer.zero_grad()
-        self.scheduler.step()
-        return loss
-
-    def loss_scale(self):
-        return None  # no AMP in eager mode
-
-    def state_dict(self) -> StepperState:
-        """The optimizer's slots by parameter name, its step count (also saved as the graph's
-        step counter, so the state resumes in graph mode) and the scheduler's state."""
-        named = named_parameters(self.backbone, self.head)
-        by_id = {id(p): n for n, p in named.items()}
-        state = StepperState(step=self.steps_done, scheduler=self.scheduler.state_dict())
-        for p, slots in self.optimizer._state.items():
-            if isinstance(p, str) or id(p) not in by_id or not isinstance(slots, dict):
-                continue
-            for slot, t in slots.items():
-                if isinstance(t, flow.Tensor):
-                    state.slots[(by_id[id(p)], slot)] = t
-        state.variables[TRAIN_STEP_VAR] = np.array([int(self.optimizer._state.get("step", 0))], np.int64)
-        return state
-
-    def load_state_dict(self, state: StepperState) -> None:
-        """Before the first step: slots into the optimizer, then the LR schedule replayed for the
-        saved optimizer step count (the same calls, so the same LR, as an unbroken run)."""
-        named = named_parameters(self.backbone, self.head)
-        for (param, slot), t in state.slots.items():
-            self.optimizer._state.setdefault(named[param], {})[slot] = t
-        count = state.variables.get(TRAIN_STEP_VAR)
-        count = int(np.asarray(count).reshape(-1)[0]) if count is not None else int(state.step)
-        self.optimizer._state["step"] = count
-        for _ in range(count):
-            self.scheduler.step()
-        self.steps_done = int(state.step)
-
-    def _micro_batches(self, t):
-        """Each rank's shard cut into accum_steps pieces, as the graph's gradient accumulation does."""
-        if self.accum_steps == 1:
-            return [t]
-        pieces = flow.chunk(t.to_local(), self.accum_steps, dim=0)
-        return [p.to_global(placement=t.placement, sbp=t.sbp) for p in pieces]
-
-    def _fc_state(self):
-        """The FC weight and its optimizer state tensors (momentum / Adam moments), copied."""
-        w = self.head.weight
-        state = self.optimizer._state.get(w, {})
-        tensors = {k: v for k, v in state.items() if isinstance(v, flow.Tensor) and v.shape == w.shape}
-        return {"weight": w.detach().clone(), **{k: v.clone() for k, v in tensors.items()}}
-
-    def _keep_unsampled_rows(self, kept, before):
-        """Eager twin of the graph's sparse update: unsampled rows get back weight and state exactly."""
-        w = self.head.weight
-        state = self.optimizer._state.setdefault(w, {})
-        with flow.no_grad():
-            w.copy_(flow.where(kept, w, before["weight"]))
-            for k, old in before.items():
-                if k != "weight":
-                    state[k].copy_(flow.where(kept, state[k], old))
-            for k, v in state.items():  # state created by this first step: unsampled rows start at 0
-                if k not in before and isinstance(v, flow.Tensor) and v.shape == w.shape:
-                    v.copy_(flow.where(kept, v, flow.zeros_like(v)))
-
-
-STEPPERS = {"graph": GraphStep, "eager": EagerStep}

@@ -6,7 +6,7 @@ size exists in several derived forms; `BatchPlan` computes them once from the co
 world size, and the checkpoint stores it (`of-face info` reads it back).
 """
 from dataclasses import asdict, dataclass
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import oneflow as flow
 import oneflow.nn as nn
@@ -16,9 +16,15 @@ from of_face.config import Config, ConfigError
 from of_face.heads import PartialFC, build_head
 from of_face.models import build_backbone
 from of_face.models.weights import load_backbone
-from of_face.train.optim import build_optimizer, build_scheduler
+from of_face.oneflow_compat import LRScheduler, sync
 from of_face.train.amp_sparse import AmpSparseStep
-from of_face.train.steps import STEPPERS, Stepper
+from of_face.train.eager_step import EagerStep
+from of_face.train.optim import build_optimizer, build_scheduler
+from of_face.train.steps import GraphStep, StepOptions, StepParts, Stepper
+
+# Global.mode -> stepper class; AMP with sparse FC updates takes AmpSparseStep (`stepper_class`)
+StepperClass = Callable[[StepParts, StepOptions], Stepper]
+STEPPERS: Dict[str, StepperClass] = {"graph": GraphStep, "eager": EagerStep}
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class BatchPlan:
     def from_config(cls, cfg: Config, steps_per_epoch: int = 0, world: Optional[int] = None) -> "BatchPlan":
         return cls(cfg.Data.batch_size, world or parallel.world_size(), cfg.Optimizer.accum_steps, steps_per_epoch)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, int]:
         return dict(asdict(self), loader_batch=self.loader_batch, micro_global=self.micro_global,
                     step_global=self.step_global)
 
@@ -69,11 +75,16 @@ class TrainingSystem:
     backbone: nn.Module  # broadcast over the ranks
     head: PartialFC  # class-split FC + PartialFC + margin + CE
     optimizer: flow.optim.Optimizer
-    scheduler: object  # OneFlow LR scheduler (compiled into the graph in graph mode)
+    scheduler: LRScheduler  # compiled into the graph in graph mode
     step: Stepper
     batch_plan: BatchPlan
     total_steps: int
     warmup_steps: int
+
+    @property
+    def parts(self) -> StepParts:
+        """What the stepper steps (another stepper over the same parts: `STEPPERS[mode](parts, options)`)."""
+        return StepParts(self.backbone, self.head, self.optimizer, self.scheduler)
 
 
 def schedule_length(cfg: Config, steps_per_epoch: int) -> Tuple[int, int]:
@@ -106,7 +117,7 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
     # generator, from which the global random ops below (FC init, in-graph sampling seeds)
     # take their seeds on this thread: without waiting here the two race and the FC init
     # differs from run to run (measured: different first losses for the same seed).
-    flow._oneflow_internal.eager.Sync()
+    sync()
     if cfg.Global.pretrained:
         try:
             load_backbone(backbone, cfg.Global.pretrained)
@@ -116,9 +127,14 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
     head = build_head(cfg, num_classes, plan.micro_global)  # sampled per micro-batch
     optimizer = build_optimizer(cfg.Optimizer, backbone, head)
     scheduler = build_scheduler(optimizer, total, warmup, cfg.LRScheduler.power)
-    stepper = STEPPERS[cfg.Global.mode]
-    if cfg.Global.mode == "graph" and cfg.AMP.enable and head.sparse_update:
-        stepper = AmpSparseStep  # the FC's sparse update outside the loss-scaled graph
-    step = stepper(backbone, head, optimizer, scheduler, cfg.AMP,
-                   checkpointing=cfg.Model.activation_checkpointing, accum_steps=plan.accum_steps)
+    parts = StepParts(backbone, head, optimizer, scheduler)
+    step = stepper_class(cfg, head)(parts, StepOptions.from_config(cfg))
     return TrainingSystem(backbone, head, optimizer, scheduler, step, plan, total, warmup)
+
+
+def stepper_class(cfg: Config, head: PartialFC) -> StepperClass:
+    """The stepper of `Global.mode`; under AMP with sparse FC updates, AmpSparseStep (the FC's
+    sparse update outside the loss-scaled graph)."""
+    if cfg.Global.mode == "graph" and cfg.AMP.enable and head.sparse_update:
+        return AmpSparseStep
+    return STEPPERS[cfg.Global.mode]

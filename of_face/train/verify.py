@@ -19,7 +19,7 @@ from of_face.config import ConfigError
 from of_face.data.loader import normalize
 from of_face.data.verification_bin import load_bin
 from of_face.scoring import evaluate, flip_embed
-from of_face.train.steps import EmbedGraph
+from of_face.models.embed_graph import EmbedGraph
 
 
 NFOLDS = 10  # insightface's verification protocol
