@@ -24,12 +24,32 @@ from of_face.train.metrics import (CONFIG_FILE, METRICS_FILE, PLOTS, RunError, c
 # --------------------------------------------------------------------------- info
 
 
+SECTIONS = ("Global", "Model", "Loss", "Data", "Optimizer", "AMP")  # the ones info reads
+
+
 def _read_yaml(path):
+    """A config file as a dict ({} when empty); RunError naming the file when it is not valid YAML,
+    not a mapping of sections, or one of `SECTIONS` is not a mapping."""
     with open(path) as f:
         try:
-            return yaml.safe_load(f) or {}
+            cfg = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise RunError(one_line(path, e)) from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise RunError(f"{path}: expected a mapping of config sections (Global:, Model:, ...), "
+                       f"got {type(cfg).__name__} {_short(cfg)}")
+    for name in SECTIONS:
+        if cfg.get(name) is not None and not isinstance(cfg[name], dict):
+            raise RunError(f"{path}: {name}: expected a mapping of keys, got {type(cfg[name]).__name__} "
+                           f"{_short(cfg[name])}")
+    return cfg
+
+
+def _short(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _size(path):
@@ -161,8 +181,6 @@ def config_file_info(path):
     """`of-face info CONFIG.yaml`: the config's highlights; a model-zoo file named `..._<N>n<G>c_...`
     (PLSC's nodes x GPUs) also gets its global batch on N*G ranks."""
     cfg = _read_yaml(path)
-    if not isinstance(cfg, dict):
-        raise RunError(f"{path}: expected a mapping of config sections")
     layout = re.search(r"_(\d+)n(\d+)c_", os.path.basename(path))
     ranks = [{"world_size": int(layout[1]) * int(layout[2])}] if layout else []
     where = f" ({layout[1]} node(s) x {layout[2]} GPUs, from its name)" if layout else ""

@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import REPO, launch
 from of_face import report
 from of_face.config import load_config, save_config
+from of_face.train.metrics import MetricsCSV
 from of_face.train.progress import FIELDS, Progress
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -136,6 +137,45 @@ def test_an_old_three_column_metrics_file_is_widened_not_lost(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv", newline="")))
     assert [(r["step"], r["kind"], r["value"]) for r in rows] == [
         ("10", "loss", "4.5"), ("10", "verify:a", "0.75"), ("20", "loss", "4.0")]
+
+
+@pytest.mark.parametrize("tail, what", [(b"3,loss,2.1,0,2.", "a partial last row"),
+                                        (b"3,loss,2.1,0\0\0\0\0\0\0", "NUL bytes"),
+                                        (b"\0" * 64, "NUL bytes")])
+def test_appending_after_a_crash_cuts_the_partial_row_first(tmp_path, tail, what):
+    # the complete rows as a crashed run left them, written here with csv's own writer
+    out = io.StringIO(newline="")
+    w = csv.writer(out)
+    w.writerow(FIELDS)
+    w.writerow([1, "loss", 2.5, 0, 2.5, 0.1, "", 10.0, 5.0, 10, ""])
+    w.writerow([2, "verify:a", 0.75] + [""] * (len(FIELDS) - 4) + [0.0625])
+    complete = out.getvalue().encode()
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(complete + tail)
+    warnings = []
+    m = MetricsCSV(str(path), warn=warnings.append)
+    m.write({"step": 3, "kind": "loss", "value": 1.75, "epoch": 1})
+    data = path.read_bytes()
+    assert data.startswith(complete)  # the complete rows are kept byte for byte
+    assert b"\0" not in data
+    rows = list(csv.reader(io.StringIO(data.decode(), newline="")))
+    assert rows[0] == FIELDS and all(len(r) == len(FIELDS) for r in rows)
+    assert [r[:3] for r in rows[1:]] == [["1", "loss", "2.5"], ["2", "verify:a", "0.75"], ["3", "loss", "1.75"]]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {path}: cut short at line 4 ({what}")
+    assert "cut back to the 2 complete row(s)" in warnings[0]
+    assert not [p.name for p in tmp_path.iterdir() if p.name != "metrics.csv"]  # no temporary left
+    MetricsCSV(str(path), warn=warnings.append)  # an intact file: no warning, not rewritten
+    assert len(warnings) == 1 and path.read_bytes() == data
+
+
+def test_a_metrics_file_with_nothing_complete_starts_again_with_the_header(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"step,kind,val")  # the header itself cut short
+    warnings = []
+    MetricsCSV(str(path), warn=warnings.append).write({"step": 1, "kind": "loss", "value": 2.0})
+    rows = list(csv.reader(open(path, newline="")))
+    assert rows == [FIELDS, ["1", "loss", "2.0"] + [""] * (len(FIELDS) - 3)]
+    assert len(warnings) == 1 and "cut back to the 0 complete row(s)" in warnings[0]
 
 
 def test_timeline_keeps_the_latest_history_of_a_resumed_run():

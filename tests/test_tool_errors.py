@@ -139,6 +139,17 @@ def test_info_reads_a_metrics_csv_cut_by_a_crash(tmp_path, tail, what):
     assert tool("plot", run).returncode == 0
 
 
+@pytest.mark.parametrize("text, words", [("- Global\n- Model\n", ["expected a mapping of config sections",
+                                                                        "got list ['Global', 'Model']"]),
+                                          ("just a string\n", ["expected a mapping", "got str 'just a string'"]),
+                                          ("Global: {}\nModel: 3\n", ["Model: expected a mapping", "got int 3"])])
+def test_info_names_a_config_that_is_not_a_mapping(tmp_path, text, words):
+    run = metrics_run(tmp_path, [loss_row(1, 2.5)])
+    (run / "config.yaml").write_text(text)
+    one_error_line(tool("info", run), 2, [f"error: {run / 'config.yaml'}: "] + words)
+    one_error_line(tool("info", run / "config.yaml"), 2, [f"error: {run / 'config.yaml'}: "] + words)
+
+
 def test_internal_error_is_one_line(capsys):
     def broken(argv):
         raise KeyError("boom")

@@ -17,7 +17,7 @@ import csv
 import io
 import os
 import sys
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from of_face.errors import ToolError
 from of_face.io import atomic_write
@@ -39,19 +39,23 @@ class RunError(ToolError):
 
 
 class MetricsCSV:
-    """Append rows to `path` with the `FIELDS` header; an older narrower file is widened once."""
+    """Append rows to `path` with the `FIELDS` header. On opening (before this process's first row,
+    and before a live progress display owns the terminal, hence not at the first `write`), a file
+    a crash left cut short is cut back to its last complete row (else the new row would be glued
+    to the partial one) and an older narrower file is widened once; both rewrites are atomic."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, warn: Optional[Callable[[str], None]] = None):
         self.path = path
-        if os.path.isfile(path) and os.path.getsize(path) > 0:
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                header, rows = reader.fieldnames, list(reader)
-            if header != FIELDS:  # e.g. the old step,kind,value file: rewrite it with the new header
-                with atomic_write(path, "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-                    w.writeheader()
-                    w.writerows(rows)
+        if not os.path.isfile(path) or not cut_to_complete_rows(path, warn or _warn):
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header, rows = reader.fieldnames, list(reader)
+        if header != FIELDS:  # e.g. the old step,kind,value file: rewrite it with the new header
+            with atomic_write(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
 
     def write(self, row: Dict[str, object]) -> None:
         new = not os.path.isfile(self.path) or os.path.getsize(self.path) == 0
@@ -69,21 +73,48 @@ def check_run(out_dir: str) -> None:
         raise RunError(f"{out_dir}: not an of_face run folder ({what})")
 
 
-def _complete_text(path: str, warn: Callable[[str], None]) -> str:
-    """metrics.csv's text up to its last complete row: a run killed mid-append leaves a partial last
-    row, or NUL bytes where the file grew but the data never reached the disk."""
+def _complete_part(path: str) -> Tuple[bytes, str]:
+    """(metrics.csv's bytes up to its last complete row, what was after it: "" when nothing).
+    A run killed mid-append leaves a partial last row, or NUL bytes where the file grew but the
+    data never reached the disk."""
     with open(path, "rb") as f:
         data = f.read()
     end = data.find(b"\0")
     kept = data if end < 0 else data[:end]
     if kept and not kept.endswith(b"\n"):
         kept = kept[:kept.rfind(b"\n") + 1]
-    if len(kept) < len(data):
-        what = "NUL bytes" if end >= 0 else "a partial last row"
-        line = kept.count(b"\n") + 1
-        warn(f"warning: {path}: cut short at line {line} ({what}: a run that crashed while writing it?); "
-             f"reading the {max(line - 2, 0)} complete row(s) before it")
+    if len(kept) == len(data):
+        return data, ""
+    return kept, "NUL bytes" if end >= 0 else "a partial last row"
+
+
+def _rows(kept: bytes) -> int:
+    return max(kept.count(b"\n") - 1, 0)  # the header is not a row
+
+
+def _cut_where(path: str, kept: bytes, what: str) -> str:
+    line = kept.count(b"\n") + 1
+    return f"warning: {path}: cut short at line {line} ({what}: a run that crashed while writing it?); "
+
+
+def _complete_text(path: str, warn: Callable[[str], None]) -> str:
+    """metrics.csv's text up to its last complete row (`warn` says when that is not all of it)."""
+    kept, what = _complete_part(path)
+    if what:
+        warn(_cut_where(path, kept, what) + f"reading the {_rows(kept)} complete row(s) before it")
     return kept.decode("utf-8", "replace")
+
+
+def cut_to_complete_rows(path: str, warn: Callable[[str], None]) -> bool:
+    """Cut metrics.csv back to its last complete row, atomically, the bytes before it unchanged
+    (`warn` says so); returns whether anything (a header at least) is left. For writers that are
+    about to append or rewrite it."""
+    kept, what = _complete_part(path)
+    if what:
+        with atomic_write(path) as f:
+            f.write(kept)
+        warn(_cut_where(path, kept, what) + f"cut back to the {_rows(kept)} complete row(s) before it")
+    return bool(kept)
 
 
 def _warn(text: str) -> None:
