@@ -81,6 +81,12 @@ def run_once(data: Path, out: Path, step: int, rank: int = 1, mode: str = "graph
            "--master", f"127.0.0.1:{free_port()}", "-c", str(REPO / "configs" / "default.yaml")]
     for o in overrides(data, out, mode, steps):
         cmd += ["-o", o]
+    return kill_during(cmd, step, rank, timeout)
+
+
+def kill_during(cmd, step: int, rank: int = 1, timeout: float = 300.0):
+    """Run the launcher command `cmd` (from the repository), SIGKILL `rank` when rank 0 prints step
+    `step`; returns (exit code, stderr, stdout). The tests pass their own tiny run's command."""
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
         victim = rank_pid(proc.pid, rank)

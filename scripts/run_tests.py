@@ -85,12 +85,13 @@ def main(argv):
         print(f"NATIVE CRASH, file rerun once: {crash}")
     for crash in rank_crashes:
         print(f"NATIVE CRASH of a rank, launch rerun once: {crash}")
-    summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    summary = ", ".join(f"{n} {k}{'s' if k == 'error' and n > 1 else ''}" for k, n in counts.items() if n)
     crashed = crash_summary([c.split(" ")[0] for c in crashes] + [f"{c.split(':')[0]} (a rank)" for c in rank_crashes])
     subset = " (--fast: slow tests deselected)" if fast else ""
-    print(f"==== {summary or 'no tests'} in {len(files)} files, {time.time() - start:.0f} s{subset}{crashed} ====")
     if broken:
         print("files that did not pass: " + ", ".join(broken))
+    # the closing line, always last, read by CI like pytest's: "==== 365 passed, 2 failed in ... ===="
+    print(f"==== {summary or 'no tests'} in {len(files)} files, {time.time() - start:.0f} s{subset}{crashed} ====")
     return 1 if broken else 0
 
 

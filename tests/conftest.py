@@ -93,9 +93,12 @@ TINY_MODEL = ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "
 
 
 def tiny(root, out, *extra):
-    """The `-o` overrides (of configs/default.yaml) of the tiny run on the rec set `root` into `out`."""
-    return [*TINY_MODEL, "Data.dataset=rec", f"Data.root={root}", "Data.val_targets=[]", "Global.device=cpu",
-            "Global.eval_before_training=false", f"Global.output_dir={out}", *extra]
+    """The `-o` overrides (of configs/default.yaml) of the tiny run on the rec set `root` into `out`.
+    root / out None: left to the config file (a test of how the config's own paths are read)."""
+    paths = ([f"Data.root={root}"] if root is not None else []) + \
+        ([f"Global.output_dir={out}"] if out is not None else [])
+    return [*TINY_MODEL, "Data.dataset=rec", "Data.val_targets=[]", "Global.device=cpu",
+            "Global.eval_before_training=false", *paths, *extra]
 
 
 def o_args(overrides):
@@ -103,9 +106,9 @@ def o_args(overrides):
     return [a for o in overrides for a in ("-o", str(o))]
 
 
-def train_cmd(overrides, nproc=2, script=None, args=(), launcher="oneflow"):
+def train_cmd(overrides, nproc=2, script=None, args=(), launcher="oneflow", config=CONFIG):
     """The command of a run: of_face.train.main (or the worker `script`, `args` before the config)
-    with configs/default.yaml + `overrides`, on `nproc` ranks started by `launcher`:
+    with `config` (configs/default.yaml) + `overrides`, on `nproc` ranks started by `launcher`:
     "oneflow" (oneflow.distributed.launch), "of_face" (of_face.train.launch, what
     scripts/train_ddp.sh runs) or None (one plain process, no launcher)."""
     target = [str(REPO / script), *map(str, args)] if script else ["-m", "of_face.train.main"]
@@ -117,22 +120,25 @@ def train_cmd(overrides, nproc=2, script=None, args=(), launcher="oneflow"):
                          f"127.0.0.1:{free_port()}"], []
     else:
         start = []
-    return [sys.executable, *start, *target, "-c", CONFIG, *o_args(overrides)]
+    return [sys.executable, *start, *target, "-c", str(config), *o_args(overrides)]
 
 
 @dataclass
 class Ran:
     returncode: int
     text: str  # stdout then stderr
+    stdout: str = ""
+    stderr: str = ""
 
 
-def train(overrides, nproc=2, script=None, args=(), check=True, timeout=600, env=None, launcher="oneflow"):
+def train(overrides, nproc=2, script=None, args=(), check=True, timeout=600, env=None, launcher="oneflow",
+          config=CONFIG):
     """Run `train_cmd(...)`; check=True fails the test (with the output) unless it exits 0."""
-    proc = subprocess.run(train_cmd(overrides, nproc, script, args, launcher), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+    proc = subprocess.run(train_cmd(overrides, nproc, script, args, launcher, config), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
     text = proc.stdout + proc.stderr
     assert not check or proc.returncode == 0, f"training failed ({proc.returncode}):\n{text[-6000:]}"
-    return Ran(proc.returncode, text)
+    return Ran(proc.returncode, text, proc.stdout, proc.stderr)
 
 
 def losses(out):

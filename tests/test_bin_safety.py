@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED, free_port, need
-from of_face.data import synthetic
+from conftest import REPO, SHARED, need, tiny
+from conftest import train as conftest_train
 from of_face.data.verification_bin import BinFileError, load_bin, read_bin_entries, write_bin
 
 
@@ -152,23 +152,15 @@ def one_error_line(proc, code, words):
     return errors[0]
 
 
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faces")
-    synthetic.generate(root, num_identities=12, images_per_identity=4, val_identities=2, val_pairs=2)
-    return root
+@pytest.fixture
+def faces(synthetic_faces):
+    return synthetic_faces(12, 4)
 
 
 def train(data, out, val):
-    overrides = ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32",
-                 "Data.dataset=rec", f"Data.root={data}", f"Data.val_targets=[{val}]", "Data.batch_size=4",
-                 "Global.device=cpu", "Global.eval_before_training=false", f"Global.output_dir={out}",
-                 "Global.max_steps=2", "Global.log_interval=1"]
-    cmd = [sys.executable, "-m", "of_face.train.launch", "--nproc-per-node", "2", "--master",
-           f"127.0.0.1:{free_port()}", "-c", "configs/default.yaml"]
-    for o in overrides:
-        cmd += ["-o", o]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    """The tiny run on 2 ranks through of_face.train.launch (what scripts/train_ddp.sh runs), validating on `val`."""
+    return conftest_train(tiny(data, out, f"Data.val_targets=[{val}]", "Data.batch_size=4", "Global.max_steps=2",
+                               "Global.log_interval=1"), launcher="of_face", check=False, timeout=300)
 
 
 def nothing_trained(proc, out):

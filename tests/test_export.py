@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +18,8 @@ from of_face.models.weights import load_backbone, save_backbone
 from of_face.config import load_config, save_config
 from of_face.models import build_backbone
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32"]
+from conftest import REPO
+from conftest import TINY_MODEL as TINY  # the tiny run's backbone, here built directly, not trained
 
 
 def make_run(out_dir, overrides=TINY, seed=0):

@@ -12,21 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tiny, train_cmd
 
 sys.path.insert(0, str(REPO / "bench"))
 import kill_rank  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def faces(tmp_path_factory):
-    return kill_rank.make_data(tmp_path_factory.mktemp("faces"))
-
-
 @pytest.mark.parametrize("step", [3, 7, 12])
-def test_kill_9_of_one_rank_prints_one_line(faces, tmp_path, step):
+def test_kill_9_of_one_rank_prints_one_line(synthetic_faces, tmp_path, step):
     out = tmp_path / "run"
-    code, stderr, stdout = kill_rank.run_once(faces, out, step, rank=1, steps=60, timeout=240)
+    # the tiny run through of_face.train.launch (what scripts/train_ddp.sh runs), long enough to be killed mid-way
+    cmd = train_cmd(tiny(synthetic_faces(12, 4), out, "Data.batch_size=4", "Global.max_steps=60",
+                         "Global.epochs=1000", "Global.log_interval=1", "Global.mode=graph"), launcher="of_face")
+    code, stderr, stdout = kill_rank.kill_during(cmd, step, rank=1, timeout=240)
     ok, extra = kill_rank.clean(code, stderr, rank=1)
     assert ok, f"exit {code}, extra lines: {extra}\n{stderr[-3000:]}"
     assert f"step {step}/" in stdout

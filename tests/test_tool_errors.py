@@ -11,12 +11,13 @@ error on one line with its line and column (the launcher, before any rank); `scr
 taking relative paths from the caller's folder; an internal error still one line.
 """
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, o_args, tiny, train
 from of_face.errors import ToolError, run_command
 from of_face.train.metrics import FIELDS
 
@@ -171,9 +172,7 @@ def test_internal_error_is_one_line(capsys):
 def test_yaml_syntax_error_is_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("Global:\n  mode: graph\n  epochs: [1, 2\nModel:\n  name: mbf\n")
-    cmd = [sys.executable, "-m", "of_face.train.launch", "--nproc-per-node", "2", "--master",
-           f"127.0.0.1:{free_port()}", "-c", str(bad)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = train([], launcher="of_face", config=bad, check=False, timeout=120)
     line = one_error_line(proc, 2, [str(bad), "line 4, column 6: not valid YAML",
                                          "while parsing a flow sequence that starts at line 3, column 11"])
     assert len([ln for ln in proc.stderr.splitlines() if ln.strip() and "libibverbs" not in ln]) == 1, line
@@ -187,18 +186,15 @@ def train_ddp(cwd, *args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_train_ddp_takes_relative_paths_from_the_callers_folder(tmp_path):
-    from of_face.data import synthetic
-
+def test_train_ddp_takes_relative_paths_from_the_callers_folder(tmp_path, synthetic_faces):
     project = tmp_path / "myproject"
-    synthetic.generate(project / "faces", num_identities=8, images_per_identity=4, val_identities=2, val_pairs=2)
+    shutil.copytree(synthetic_faces(8, 4), project / "faces")
     proc = train_ddp(project, "-c", "missing.yaml")
     one_error_line(proc, 2, [f"config file not found: missing.yaml (looked for {project / 'missing.yaml'})"])
-    (project / "my.yaml").write_text(
-        "Global:\n  device: cpu\n  output_dir: runs/a\n  max_steps: 2\n  eval_before_training: false\n"
-        "Model:\n  name: iresnet\n  layers: [1, 1, 1, 1]\n  width: 8\n  embedding_size: 32\n"
-        "Data:\n  dataset: rec\n  root: faces\n  batch_size: 4\n  val_targets: []\n")
-    proc = train_ddp(project, "-c", "my.yaml", "-o", "Global.output_dir=runs/b")
+    # the config's own paths, relative; the rest of the tiny run as -o overrides
+    (project / "my.yaml").write_text("Global:\n  output_dir: runs/a\nData:\n  root: faces\n")
+    proc = train_ddp(project, "-c", "my.yaml", *o_args(tiny(None, None, "Data.batch_size=4", "Global.max_steps=2")),
+                     "-o", "Global.output_dir=runs/b")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (project / "runs" / "b" / "backbone.npz").is_file()  # -o's relative path, from the caller's folder
     assert not (project / "runs" / "a").exists() and not (REPO / "runs").exists() and not (REPO / "faces").exists()
