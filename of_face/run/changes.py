@@ -5,8 +5,9 @@ key (or its section).
 What each allowed key does:
 - `Model.*`: only a change that keeps every backbone tensor's shape can resume (dropout, masking,
   ...); a shape change is refused by the load, naming the tensors, whatever is listed.
-- `Optimizer.name`: the backbone and FC weights continue; the new optimizer's state (momentum,
-  Adam moments) starts at zero, since the old one's slots mean something else.
+- `Optimizer.name`: the backbone and FC weights continue; the new optimizer's slots (momentum,
+  Adam moments) start at zero, since the old one's mean something else. Its step count
+  continues (the LR schedule's position), so AdamW's bias correction is the resumed step's.
 - `Loss.num_classes` (also when the class count comes from a data set that grew): more classes
   than the checkpoint's. Its rows and their optimizer state are kept; the new classes' rows are
   initialised as a fresh run initialises them (the same seed gives the same values), their
