@@ -8,13 +8,15 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 import numpy as np
+import oneflow as flow
 
 from of_face import parallel
-from of_face.config import Config, ConfigError
+from of_face.config import Config, ConfigError, DataCfg
 from of_face.data.augment import Augment
 from of_face.data.loader import ShardedLoader, SkipBadRecords
 from of_face.data.recordio import RecordDataset
 from of_face.device import check_device
+from of_face.heads import PartialFC
 from of_face.models.weights import save_backbone
 from of_face.run import changes, checkpoint, shards
 from of_face.run.folder import Claim, RunFolder
@@ -81,10 +83,10 @@ def prepare_data(cfg: Config) -> Tuple[Any, int]:
     return dataset, num_classes
 
 
-def _open_record_dataset(data) -> RecordDataset:
+def _open_record_dataset(data: DataCfg) -> RecordDataset:
     """RecordDataset on every rank; rank 0 first, so that it alone builds the label index and its
     cache (of_face/data/record_index.py) and the other ranks read that."""
-    def open_():
+    def open_() -> RecordDataset:
         try:  # the models take 112x112 crops: hold every record to that, not just to `property`
             dataset = RecordDataset(data.root, resize=data.resize, image_size=(112, 112), log=log)
             dataset.labels()  # the labels into the cache too
@@ -186,11 +188,11 @@ class Trainer:
         return result
 
     @property
-    def head(self) -> Any:
+    def head(self) -> PartialFC:
         return self.system.head
 
     @property
-    def optimizer(self) -> Any:
+    def optimizer(self) -> flow.optim.Optimizer:
         return self.system.optimizer
 
     def _resume_position(self, meta: dict) -> Position:

@@ -1,9 +1,10 @@
 """Resume a checkpoint with more classes (Global.allow_resume_changes=[Loss.num_classes]).
 
 `python -m of_face.train.launch --module tests.workers.resume_classes -c CONFIG -o ...`, the
-config naming the checkpoint to resume. Rank 0 writes to $RESUME_CLASSES_OUT (.npz): `fresh`, the FC rows a fresh run of this config starts with (built
-first, with the same seed); `loaded`, the FC rows right after the Trainer resumed, and
-`momentum`, the SGD momentum the resume handed the stepper; `trained`, the FC rows after `fit()`; `losses`.
+config naming the checkpoint to resume. Rank 0 writes to $RESUME_CLASSES_OUT (.npz): `fresh`,
+the FC rows a fresh run of this config starts with (built first, with the same seed); `loaded`,
+the FC rows right after the Trainer resumed; `momentum`, the SGD momentum the resume handed the
+stepper; `trained`, the FC rows after `fit()`; `losses`.
 tests/test_resume_classes.py runs it on 2 ranks.
 """
 import os
