@@ -5,7 +5,7 @@
 
 Each rank holds its class slice of an FC weight [classes, dim] (float32, split over the ranks,
 random) and, unless --no-momentum, SGD momentum of the same shape, plus a tiny backbone, in the
-TrainingSystem shape that of_face.checkpoint reads. It then saves one checkpoint
+TrainingSystem shape that of_face.train.snapshot reads. It then saves one checkpoint
 (save_checkpoint) and loads it back into the same tensors (load_checkpoint), and prints per rank:
 the resident set before (the state itself), the peak RSS during the save and during the load
 (sampled every 2 ms from /proc/self/statm), and the wall time of each. "one shard" below is this
@@ -24,11 +24,13 @@ import numpy as np
 import of_face  # noqa: F401  (preloads libraries; must precede oneflow)
 import oneflow as flow
 
-from of_face import checkpoint, parallel
+from of_face import parallel
 from of_face.config import ModelCfg
 from of_face.models import build_backbone
 from of_face.oneflow_compat import sync
 from of_face.train.steps import TRAIN_STEP_VAR, StepperState
+from of_face.heads.fc_table import FCTable
+from of_face.train.snapshot import load_checkpoint, save_checkpoint
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -65,7 +67,7 @@ class Head(flow.nn.Module):
         super().__init__()
         self.num_classes = classes
         self.embedding_size = dim
-        self.weight = flow.nn.Parameter(parallel.fc_weight_random(parallel.padded_classes(classes), dim, 0.01, "cpu"))
+        self.weight = flow.nn.Parameter(FCTable.of(classes).random(dim, 0.01, "cpu"))
 
 
 class SGD:  # the optimizer's class name says which slots a checkpoint restores
@@ -97,9 +99,8 @@ def main():
     backbone = parallel.broadcast_module(build_backbone(ModelCfg(name="iresnet", layers=[1, 1, 1, 1], width=8,
                                                                  embedding_size=args.dim)), "cpu")
     head = Head(args.classes, args.dim)
-    rows = parallel.fc_num_rows(head.weight)
     slots = {} if args.no_momentum else {
-        ("head.weight", "momentum_buf"): parallel.fc_weight_random(rows, args.dim, 0.01, "cpu")}
+        ("head.weight", "momentum_buf"): FCTable.of(args.classes).random(args.dim, 0.01, "cpu")}
     system = SimpleNamespace(backbone=backbone, head=head, optimizer=SGD(), step=Stepper(slots))
     sync()
     if rank == 0:
@@ -110,10 +111,10 @@ def main():
     before = rss()
     meta = {"epoch": 0, "batch_in_epoch": 0, "config": {}, "run_id": "bench", "checkpoint_format": args.format}
     with Peak() as save:
-        path = checkpoint.save_checkpoint(args.out, 7, system, meta)
+        path = save_checkpoint(args.out, 7, system, meta)
     parallel.barrier()
     with Peak() as load:
-        checkpoint.load_checkpoint(path, system)
+        load_checkpoint(path, system)
         sync()
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) \
         if os.path.isdir(path) else os.path.getsize(path)

@@ -70,6 +70,7 @@ def import_main(argv: List[str]) -> int:
     from of_face.models import build_backbone
     from of_face.models.interop import import_state
     from of_face.models.weights import BACKBONE_FILE, write_backbone
+    from of_face.run.names import CONFIG_FILE
 
     out = os.path.join(args.out, BACKBONE_FILE) if os.path.isdir(args.out) else args.out
     check_output(out, "--out", "backbone.npz")
@@ -81,7 +82,7 @@ def import_main(argv: List[str]) -> int:
     state = import_state(args.src, build_backbone(cfg.Model))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_backbone(state, out)
-    config = os.path.join(os.path.dirname(os.path.abspath(out)), "config.yaml")
+    config = os.path.join(os.path.dirname(os.path.abspath(out)), CONFIG_FILE)
     note = ""
     if not os.path.exists(config):
         save_config(cfg, config)

@@ -34,16 +34,16 @@ class GlobalCfg:
     eval_interval: int = 0  # steps between verifications; 0 = only at the end
     eval_before_training: bool = True  # print the untrained model's accuracy as a baseline
     pretrained: Optional[str] = None
-    # checkpoints (of_face/checkpoint.py): ckpt-<step>.npz in output_dir every save_interval steps
+    # checkpoints (of_face/run/checkpoint.py): ckpt-<step>.npz in output_dir every save_interval steps
     # (0 = only at the end) and at the end; the newest keep_checkpoints are kept (0 = all)
     save_interval: int = 0
     keep_checkpoints: int = 2
     resume: Optional[str] = None  # auto (newest complete checkpoint in output_dir, if any) | a ckpt file | a folder
     max_nonfinite_steps: int = 1  # stop once the loss is NaN/inf for this many consecutive steps
-    # a fresh run into a folder holding another run's checkpoints moves them to replaced-<time>/ (of_face/run_folder.py)
+    # a fresh run into a folder holding another run's checkpoints moves them to replaced-<time>/ (of_face/run/folder.py)
     overwrite: bool = False
     allow_resume_changes: List[str] = field(default_factory=list)  # e.g. [Optimizer.name], [Model]: resume anyway
-    # npz (one file, rank 0) | sharded (every rank its FC rows: checkpoint_shards.py) | auto (sharded once
+    # npz (one file, rank 0) | sharded (every rank its FC rows: run/shards.py) | auto (sharded once
     # the FC weight reaches SHARDED_FROM_BYTES: at millions of classes one file on rank 0 does not scale)
     checkpoint_format: str = "auto"
 

@@ -34,7 +34,9 @@ import numpy as np
 import of_face  # noqa: F401  (preloads libraries; must precede oneflow)
 import oneflow as flow
 
-from of_face import checkpoint
+from of_face.run import checkpoint
+from of_face.run.folder import RunFolder
+from of_face.run.names import CONFIG_FILE
 from of_face.models.weights import BACKBONE_FILE, load_backbone, load_backbone_state
 from of_face.config import Config, ModelCfg, load_config
 from of_face.data.loader import normalize
@@ -68,7 +70,7 @@ def resolve_checkpoint(run_dir_or_checkpoint, config=None):
     if os.path.isdir(path) and not checkpoint.is_training_checkpoint(path):  # a run folder
         npz = os.path.join(path, BACKBONE_FILE)
         if not os.path.isfile(npz):
-            npz = checkpoint.latest_checkpoint(path)
+            npz = RunFolder(path).latest()
             if npz is None:
                 raise FileNotFoundError(f"checkpoint not found: {path} holds no {BACKBONE_FILE} and no complete "
                                         "ckpt-* training checkpoint")
@@ -80,9 +82,9 @@ def resolve_checkpoint(run_dir_or_checkpoint, config=None):
             raise FileNotFoundError(f"{npz}: no config stored in the checkpoint; pass the run's config (--config)")
         return npz, ModelCfg(**stored)
     if config is None:
-        config = os.path.join(os.path.dirname(os.path.abspath(npz)), "config.yaml")
+        config = os.path.join(os.path.dirname(os.path.abspath(npz)), CONFIG_FILE)
         if not os.path.isfile(config):
-            raise FileNotFoundError(f"no config.yaml next to {npz}; pass the run's config explicitly (--config)")
+            raise FileNotFoundError(f"no {CONFIG_FILE} next to {npz}; pass the run's config explicitly (--config)")
     if isinstance(config, ModelCfg):
         model_cfg = config
     elif isinstance(config, Config):

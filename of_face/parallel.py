@@ -15,13 +15,13 @@ The FC weight is stored as a [local, world, dim] table split along its middle ax
 memory is its own [local, dim] rows) rather than [classes, dim] split(0): an `index_select`
 along axis 0 with one broadcast position list then reads, on every rank, only its own rows,
 and nn.Graph compiles its gradient plus the optimizer into an indexed-slices update (see
-heads/partial_fc.py). `fc_weight`, `fc_rows` and `fc_local_rows` convert to and from the
-[classes, dim] order (rank-major) that checkpoints and tests use.
+heads/partial_fc.py). heads/fc_table.py converts to and from the [classes, dim] order
+(rank-major) that checkpoints and tests use, through the generic primitives here
+(`place_split`, `split_axis`, `normal_split`).
 
 Everything else asks this module instead of writing `flow.sbp` literals.
 """
 import contextlib
-import math
 import zlib
 from typing import Dict, Iterator, List, Optional
 
@@ -59,12 +59,6 @@ def placement(device: str = "auto") -> flow.placement:
     return flow.placement(device_type(device), ranks=list(range(world_size())))
 
 
-def padded_classes(num_classes: int, world: Optional[int] = None) -> int:
-    """Class count rounded up so every rank owns an equal slice of the FC weight."""
-    world = world or world_size()
-    return int(math.ceil(num_classes / world) * world)
-
-
 def batch(local_array: np.ndarray, dtype=None, device: str = "auto") -> flow.Tensor:
     """This rank's numpy shard -> one global tensor split along the batch."""
     t = flow.tensor(local_array, dtype=dtype)
@@ -94,75 +88,24 @@ def broadcast_module(module: flow.nn.Module, device: str = "auto") -> flow.nn.Mo
     return module.to_global(placement=placement(device), sbp=SBP_PARAM)
 
 
-def fc_weight(array: np.ndarray, device: str = "auto") -> flow.Tensor:
-    """A full [classes, dim] numpy weight (rank-major class order) -> the FC table [local, world,
-    dim] split(1). Each rank materialises only its own rows (no full-size copy per rank)."""
-    n = array.shape[0] // world_size()
-    local = np.ascontiguousarray(array[rank() * n : (rank() + 1) * n])
-    return fc_place_rows(local, device=device)
+def split_axis(t) -> Optional[int]:
+    """The axis a global tensor is split along (one SBP), None for a broadcast or local one."""
+    if not isinstance(t, flow.Tensor) or not t.is_global or len(t.sbp) != 1:
+        return None
+    return next((axis for axis in range(t.ndim) if t.sbp[0] == flow.sbp.split(axis)), None)
 
 
-def fc_place_rows(local: np.ndarray, ref: Optional[flow.Tensor] = None, device: str = "auto") -> flow.Tensor:
-    """This rank's own [local, ...] rows (numpy) -> the FC table [local, world, ...] split(1),
-    placed like `ref` when given (no second host copy)."""
+def place_split(local: np.ndarray, axis: int, ref: Optional[flow.Tensor] = None, device: str = "auto") -> flow.Tensor:
+    """This rank's own piece (numpy) of a tensor split along `axis` -> the global tensor, placed
+    like `ref` (and in its dtype) when given. No second host copy: the tensor uses `local`'s memory."""
     dtype = flow.convert_oneflow_dtype_to_numpy_dtype(ref.dtype) if ref is not None else None
-    t = flow.from_numpy(np.ascontiguousarray(local, dtype=dtype)).unsqueeze(1)
-    return t.to_global(placement=ref.placement if ref is not None else placement(device), sbp=SBP_FC_TABLE)
+    t = flow.from_numpy(np.ascontiguousarray(local, dtype=dtype))
+    return t.to_global(placement=ref.placement if ref is not None else placement(device), sbp=(flow.sbp.split(axis),))
 
 
-def fc_shard(local_array: np.ndarray, device: str = "auto") -> flow.Tensor:
-    """This rank's own slice along classes (numpy) -> global tensor split along classes."""
-    return flow.tensor(local_array).to_global(placement=placement(device), sbp=SBP_FC_WEIGHT)
-
-
-def fc_weight_random(num_rows: int, dim: int, std: float, device: str = "auto") -> flow.Tensor:
-    """N(0, std) class centres generated shard by shard: the FC table [num_rows / world, world, dim]."""
-    world = world_size()
-    return flow.normal(0.0, std, (num_rows // world, world, dim), placement=placement(device), sbp=SBP_FC_TABLE)
-
-
-def is_fc_table(t) -> bool:
-    return isinstance(t, flow.Tensor) and t.is_global and t.ndim >= 2 and tuple(t.sbp) == SBP_FC_TABLE
-
-
-def fc_num_rows(t: flow.Tensor) -> int:
-    """Padded class count of an FC table [local, world, ...] (or of a [classes, ...] tensor)."""
-    return t.shape[0] * t.shape[1] if is_fc_table(t) else t.shape[0]
-
-
-def fc_local_rows(t: flow.Tensor) -> flow.Tensor:
-    """This rank's own rows [local, ...] of an FC table (a view of its local tensor)."""
-    local = t.to_local()
-    return local.view(local.shape[0], *local.shape[2:]) if is_fc_table(t) else local
-
-
-def table_to_rows(a: np.ndarray) -> np.ndarray:
-    """A whole FC table [local, world, ...] (numpy) -> [classes, ...] in rank-major class order."""
-    return np.ascontiguousarray(np.swapaxes(a, 0, 1)).reshape((-1,) + a.shape[2:])
-
-
-def fc_rows(t: flow.Tensor) -> np.ndarray:
-    """An FC table's whole value as [classes, ...] numpy on every rank (collective)."""
-    return table_to_rows(to_numpy(t)) if is_fc_table(t) else to_numpy(t)
-
-
-def fc_rows_rank0(t: flow.Tensor) -> Optional[np.ndarray]:
-    """An FC table's whole value as [classes, ...] numpy on rank 0, None elsewhere (collective)."""
-    a = to_rank0_numpy(t)
-    return table_to_rows(a) if a is not None and is_fc_table(t) else a
-
-
-def rows_table(rows: flow.Tensor, world: int) -> flow.Tensor:
-    """Inverse of `table_rows`: [world*k, ...] split(0) -> FC table rows [k, world, ...] split(1)."""
-    k = rows.shape[0] // world
-    return flow.transpose(rows.reshape(world, k, *rows.shape[1:]), 0, 1)
-
-
-def table_rows(t: flow.Tensor) -> flow.Tensor:
-    """FC table rows [k, world, ...] split(1) -> [world*k, ...] split(0), rank-major: a local
-    transpose (each rank's [k, ...] rows stay where they are)."""
-    rows = flow.transpose(t, 0, 1)
-    return rows.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+def normal_split(shape, std: float, axis: int, device: str = "auto") -> flow.Tensor:
+    """N(0, std) values of a global tensor split along `axis`, each rank drawing only its own piece."""
+    return flow.normal(0.0, std, tuple(shape), placement=placement(device), sbp=(flow.sbp.split(axis),))
 
 
 def barrier() -> None:
@@ -194,9 +137,9 @@ def to_rank0_numpy(t: flow.Tensor) -> Optional[np.ndarray]:
 def place_like(array: np.ndarray, ref: flow.Tensor) -> flow.Tensor:
     """numpy value -> tensor placed and split like `ref` (every rank passes the whole value).
 
-    Class-split tensors (split(0), and FC tables from [classes, ...] rows) keep only this rank's
-    rows, as `fc_weight` does. A broadcast tensor gets this rank's own value, which may differ
-    from rank 0's (see divergent_replicas)."""
+    A split tensor keeps only this rank's piece along its split axis (an FC table from [classes,
+    ...] rows: heads/fc_table.py). A broadcast tensor gets this rank's own value, which may
+    differ from rank 0's (see divergent_replicas)."""
     dtype = ref.dtype
     if not ref.is_global:
         return flow.tensor(array, dtype=dtype, device=ref.device)
@@ -205,13 +148,11 @@ def place_like(array: np.ndarray, ref: flow.Tensor) -> flow.Tensor:
         # to_global() takes rank 0's data for every rank: write this rank's own value afterwards
         t.to_local().copy_(flow.tensor(array, dtype=dtype, device=t.to_local().device))
         return t
+    axis = split_axis(ref)
     ranks = list(np.asarray(ref.placement.ranks).reshape(-1))
-    n = array.shape[0] // len(ranks)
+    n = array.shape[axis] // len(ranks)
     r = ranks.index(rank())
-    local = np.ascontiguousarray(array[r * n:(r + 1) * n])
-    if is_fc_table(ref):  # [classes, ...] rank-major rows -> this rank's rows of the table
-        return fc_place_rows(local, ref)
-    return flow.tensor(local, dtype=dtype).to_global(placement=ref.placement, sbp=ref.sbp)
+    return place_split(np.take(array, range(r * n, (r + 1) * n), axis=axis), axis, ref)
 
 
 def load_into(t: flow.Tensor, array: np.ndarray) -> None:
@@ -297,9 +238,6 @@ def all_ok(ok: bool) -> bool:
 
 
 def place_local_like(local: np.ndarray, ref: flow.Tensor) -> flow.Tensor:
-    """This rank's own rows (numpy) -> tensor placed and split like the class-split `ref`: what
-    a sharded checkpoint loads, without any rank holding the whole value."""
-    if is_fc_table(ref):
-        return fc_place_rows(local, ref)
-    local = np.ascontiguousarray(local, dtype=flow.convert_oneflow_dtype_to_numpy_dtype(ref.dtype))
-    return flow.from_numpy(local).to_global(placement=ref.placement, sbp=ref.sbp)  # no second host copy
+    """This rank's own piece (numpy) -> tensor placed and split like the split `ref`, without
+    any rank holding the whole value."""
+    return place_split(local, split_axis(ref), ref)

@@ -45,6 +45,7 @@ from of_face.heads import build_head
 from of_face.models import build_backbone
 from of_face.models.interop import family_of, of_face_name
 from of_face.train.system import build
+from of_face.heads import fc_table
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "glint14"
@@ -122,7 +123,7 @@ class GradNormProbe:
             for copy, orig in ((self.backbone, self.system.backbone), (self.head, self.system.head)):
                 own = copy.state_dict()
                 for name, value in orig.state_dict().items():
-                    whole = parallel.fc_rows(value) if parallel.is_fc_table(value) else parallel.to_numpy(value)
+                    whole = parallel.to_numpy(value)  # (an FC table: its whole [local, world, dim])
                     parallel.load_into(own[name], whole)
         out = self.head.objective(self.backbone(x), y)
         out.objective.backward()
@@ -159,10 +160,10 @@ def replay(args):
     system = build(cfg, traj["num_classes"], total_steps=len(steps), warmup_steps=0)
     fc_init = np.load(folder / "fc_init.npy")
     weight = system.head.weight
-    if parallel.fc_num_rows(weight) != fc_init.shape[0]:
-        raise ValueError(f"fc_init.npy: {fc_init.shape[0]} rows, the head has {parallel.fc_num_rows(weight)}")
+    if fc_table.num_rows(weight) != fc_init.shape[0]:
+        raise ValueError(f"fc_init.npy: {fc_init.shape[0]} rows, the head has {fc_table.num_rows(weight)}")
     with flow.no_grad():
-        parallel.load_into(weight, fc_init)
+        fc_table.load_rows(weight, fc_init)
     probe = GradNormProbe(cfg, traj["num_classes"], system)
     checks = []
 
@@ -230,7 +231,7 @@ def compare_final(system, cfg, folder, traj, sens, dataset, check):
           f"largest per-tensor relative difference {worst[0]:.3g} ({worst[1]})")
 
     fc_ref = np.load(folder / "fc_final.npy").astype(np.float64)
-    fc = parallel.fc_rows(system.head.weight).astype(np.float64)[: fc_ref.shape[0]]
+    fc = fc_table.rows(system.head.weight).astype(np.float64)[: fc_ref.shape[0]]
     rel = float(np.linalg.norm(fc - fc_ref) / np.linalg.norm(fc_ref))
     check("fc_final (relative difference)", rel, SPREAD_FACTOR * sens["after"]["fc_final_rel_diff"])
 

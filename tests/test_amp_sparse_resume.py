@@ -7,10 +7,11 @@ import pytest
 
 import of_face  # noqa: F401
 from of_face import parallel
-from of_face.checkpoint import load_checkpoint, save_checkpoint
+from of_face.train.snapshot import load_checkpoint, save_checkpoint
 from of_face.config import load_config
 from of_face.train.amp_sparse import AmpSparseStep
 from of_face.train.system import build
+from of_face.heads import fc_table
 
 
 def config(optimizer):
@@ -39,5 +40,5 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, optimizer):
     resumed = build(cfg, 41, total_steps=10, warmup_steps=2)
     load_checkpoint(path, resumed)
     assert head_losses + run(resumed, data[2:]) == losses
-    assert np.array_equal(parallel.fc_rows(resumed.head.weight), parallel.fc_rows(whole.head.weight))
+    assert np.array_equal(fc_table.rows(resumed.head.weight), fc_table.rows(whole.head.weight))
     assert resumed.step.fc_updates == whole.step.fc_updates == 4

@@ -4,7 +4,7 @@ Through the real 2-rank launcher, under a timeout: a rank left waiting would han
 import pytest
 
 from conftest import REPO, tiny, train
-from of_face import checkpoint
+from of_face.run.folder import RunFolder
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_disk_full_while_checkpointing_stops_every_rank_and_keeps_the_last_check
     assert 1 <= text.count(want) <= 2, text[-4000:]
     assert f"File \"{REPO / 'of_face'}" not in text, text[-4000:]  # no traceback of a rank
     assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == [f"ckpt-00000002{ext}"]
-    assert checkpoint.latest_checkpoint(str(out)) == str(out / f"ckpt-00000002{ext}")
+    assert RunFolder(str(out)).latest() == str(out / f"ckpt-00000002{ext}")
 
     # the kept checkpoint is whole: the run continues from it to the end
     ran = train(args + ["Global.resume=auto"], 2, check=False, timeout=400)
@@ -47,7 +47,7 @@ def test_disk_full_while_checkpointing_stops_every_rank_and_keeps_the_last_check
 def test_auto_format_shards_a_large_fc_only():
     from types import SimpleNamespace
 
-    from of_face.checkpoint_shards import SHARDED_FROM_BYTES, resolve_format
+    from of_face.run.shards import SHARDED_FROM_BYTES, resolve_format
 
     def head(classes, dim):
         return SimpleNamespace(num_classes=classes, weight=SimpleNamespace(shape=(classes, dim)))

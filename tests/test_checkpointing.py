@@ -23,6 +23,7 @@ from of_face.config import ModelCfg, load_config
 from of_face.models import MODELS
 from of_face.train.steps import StepOptions, checkpoint_block_names
 from of_face.train.system import STEPPERS, build
+from of_face.heads import fc_table
 
 FAKE_OP = "Sys-Checkpointing-Fake-Fw-Op_"
 EMB, CLASSES, BATCH, STEPS = 16, 10, 4, 2
@@ -37,7 +38,7 @@ TINY = {  # mask_ratio 0 and drop_path 0: no randomness in the step
 def snapshot(backbone, head):
     # copies: to_numpy may share memory with the tensor, which the training step updates in place
     state = {f"backbone.{k}": parallel.to_numpy(v).copy() for k, v in backbone.state_dict().items()}
-    state["head.weight"] = parallel.fc_rows(head.weight).copy()
+    state["head.weight"] = fc_table.rows(head.weight).copy()
     return state
 
 
@@ -47,7 +48,7 @@ def load(backbone, head, state):
     for k, v in tensors.items():
         key = "head.weight" if v is head.weight else f"backbone.{k}"
         if v is head.weight:  # [classes, dim] rows -> the FC table
-            parallel.load_into(v, state[key])
+            fc_table.load_rows(v, state[key])
             continue
         v.copy_(flow.tensor(state[key], dtype=v.dtype).to_global(placement=v.placement, sbp=v.sbp))
 

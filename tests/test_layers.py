@@ -7,10 +7,11 @@ Layer order (docs/ARCHITECTURE.md; a module may import its own layer and lower o
     2 models  of_face/models/*        (models/embed_graph.py: EmbedGraph, for export and verification)
     3 heads   of_face/heads/*
     4 config  of_face/config.py        (may import models to validate Model.*)
-    5 train   of_face/checkpoint.py, checkpoint_shards.py, run_folder.py, of_face/train/*
-    6 export  of_face/export.py, of_face/onnx_surgery.py
-    7 eval    of_face/eval/*
-    8 top     of_face/report.py, of_face/cli.py
+    5 run     of_face/run/*            (the run folder and one checkpoint's format)
+    6 train   of_face/train/*
+    7 export  of_face/export.py, of_face/onnx_surgery.py
+    8 eval    of_face/eval/*
+    9 top     of_face/report.py, of_face/cli.py
 
 Every `import` / `from ... import` statement counts, also those inside functions (a lazy import
 still ties the layers together). A new module must be given a layer here before it is used.
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "of_face"
-LAYERS = ["base", "data", "models", "heads", "config", "train", "export", "eval", "top"]
+LAYERS = ["base", "data", "models", "heads", "config", "run", "train", "export", "eval", "top"]
 # module (dotted) or package prefix (ending in ".") -> layer name; the longest match wins
 RANKS = {
     "of_face": "base", "of_face._libs": "base", "of_face.oneflow_compat": "base", "of_face.parallel": "base",
@@ -31,7 +32,7 @@ RANKS = {
     "of_face.models.": "models", "of_face.models": "models",
     "of_face.heads.": "heads", "of_face.heads": "heads",
     "of_face.config": "config", "of_face.config_fields": "config",
-    "of_face.checkpoint": "train", "of_face.checkpoint_shards": "train", "of_face.run_folder": "train",
+    "of_face.run.": "run", "of_face.run": "run",
     "of_face.train.": "train", "of_face.train": "train",
     "of_face.export": "export", "of_face.onnx_surgery": "export",
     "of_face.eval.": "eval", "of_face.eval": "eval",

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, losses, tiny, train, train_cmd
+from of_face.heads import fc_table
 
 STEPS, KILL_AT = 40, 20
 
@@ -130,7 +131,7 @@ def test_pretrained_backbone_arrives_and_another_architecture_is_refused(tmp_pat
     trainer = Trainer(cfg)
     for k, v in trainer.backbone.state_dict().items():
         np.testing.assert_array_equal(parallel.to_numpy(v), state[k], err_msg=k)
-    assert parallel.fc_rows(trainer.head.weight).shape == (12, 32)  # a new FC for the new data set
+    assert fc_table.rows(trainer.head.weight).shape == (12, 32)  # a new FC for the new data set
     flow._oneflow_internal.eager.Sync()
 
     wider = load_config(REPO / "configs/default.yaml",
@@ -158,7 +159,8 @@ def test_amp_loss_scale_and_step_counter_resume(tmp_path, faces):
 def test_interrupted_write_leaves_previous_checkpoint(tmp_path, faces, monkeypatch):
     """A failure while writing ckpt N keeps ckpt N-1 byte-identical, adds nothing, leaves no temp
     file; a temp file left by a killed run is removed at the next start."""
-    from of_face import checkpoint
+    from of_face.run import checkpoint
+    from of_face.run.folder import RunFolder
     from of_face.config import load_config
     from of_face.train.trainer import Trainer
 
@@ -178,7 +180,7 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, faces, monkeypat
     monkeypatch.undo()
     assert open(first, "rb").read() == before
     assert sorted(p.name for p in out.iterdir() if "ckpt" in p.name) == ["ckpt-00000001.npz"]
-    assert checkpoint.latest_checkpoint(out) == first
+    assert RunFolder(out).latest() == first
 
     (out / ".ckpt-00000002.npz.tmp4242").write_bytes(b"left by kill -9")
     Trainer(cfg)
@@ -187,10 +189,10 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, faces, monkeypat
     # Global.resume=auto: the newest *readable* checkpoint; none at all -> start from scratch
     (out / "ckpt-00000009.npz").write_bytes(before[: len(before) // 2])
     notes = []
-    assert checkpoint.resolve_resume("auto", str(out), notes.append) == first
+    assert RunFolder(str(out), notes.append).resolve_resume("auto") == first
     assert "ckpt-00000009.npz: unreadable or truncated checkpoint" in notes[0]
-    assert checkpoint.resolve_resume("auto", str(tmp_path / "empty"), notes.append) is None
-    assert checkpoint.resolve_resume(None, str(out)) is None
+    assert RunFolder(str(tmp_path / "empty"), notes.append).resolve_resume("auto") is None
+    assert RunFolder(str(out)).resolve_resume(None) is None
 
 
 @pytest.mark.parametrize("mode,nproc", [("graph", 2), ("eager", 1)])

@@ -96,11 +96,12 @@ def _write_ckpt(path, run_id):
 
 
 def test_rotation_only_deletes_this_runs_checkpoints(tmp_path):
-    from of_face import checkpoint
+    from of_face.run import checkpoint
+    from of_face.run.folder import RunFolder
 
     for step, rid in ((10, "other"), (12, "other"), (2, "mine"), (4, "mine"), (6, "mine")):
         _write_ckpt(tmp_path / checkpoint.checkpoint_name(step), rid)
-    removed = checkpoint.rotate(str(tmp_path), 1, "mine")
+    removed = RunFolder(str(tmp_path)).rotate(1, "mine")
     assert [os.path.basename(p) for p in removed] == ["ckpt-00000002.npz", "ckpt-00000004.npz"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-00000006.npz", "ckpt-00000010.npz",
                                                            "ckpt-00000012.npz"]

@@ -2,7 +2,7 @@
 
 The FC weight is one global tensor split along classes, so each rank stores and updates only its
 own classes; embeddings are all-gathered, and the logits come out split along classes. It is
-stored as a table [local, world, dim] split(1) (parallel.py): rank r's memory holds its classes
+stored as a table [local, world, dim] split(1) (heads/fc_table.py): rank r's memory holds its classes
 r*local + j, j < local. Softmax cross-entropy (heads/softmax.py) works on each rank's columns and
 all-reduces only [batch] vectors.
 
@@ -49,6 +49,8 @@ import oneflow.nn as nn
 import oneflow.nn.functional as F
 
 from of_face import parallel
+from of_face.heads import fc_table
+from of_face.heads.fc_table import FCTable
 from of_face.heads.margin import CombinedMargin, constant_like, label_columns, per_row, row_sum
 from of_face.heads.softmax import attach_gradient, class_split_cross_entropy, softmax_cross_entropy
 
@@ -99,9 +101,10 @@ class PartialFC(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.embedding_size = embedding_size
-        self.world = parallel.world_size()
-        self.padded_classes = parallel.padded_classes(num_classes)
-        self.local_classes = self.padded_classes // self.world
+        self.table = FCTable.of(num_classes)
+        self.world = self.table.world
+        self.padded_classes = self.table.padded
+        self.local_classes = self.table.local
         self.sample_rate = sample_rate
         self.num_sample = _num_sample(self.local_classes, sample_rate, global_batch)
         self.sampling = self.num_sample < self.local_classes
@@ -111,18 +114,16 @@ class PartialFC(nn.Module):
         self.device = device
         self.seed = seed
         self.outer = not amp  # [N] -> [N, C'] as outer products (margin.per_row): FP32 only
-        self.weight = nn.Parameter(
-            parallel.fc_weight_random(self.padded_classes, embedding_size, init_std, device)
-        )
+        self.weight = nn.Parameter(self.table.random(embedding_size, init_std, device))
         self.margin = CombinedMargin(*margin, scale=scale)
         pad = np.zeros((self.padded_classes, 1), np.float32)
         pad[num_classes:] = PAD_LOGIT
-        self.pad_bias = parallel.fc_weight(pad, device) if self.padded_classes > num_classes else None  # table
+        self.pad_bias = self.table.from_rows(pad, device) if self.padded_classes > num_classes else None  # table
 
     @staticmethod
     def samples(num_classes: int, sample_rate: float, global_batch: int, world: Optional[int] = None) -> bool:
         """Whether a head of these settings samples (keeps fewer than all its local centres)."""
-        local = parallel.padded_classes(num_classes, world) // (world or parallel.world_size())
+        local = FCTable.of(num_classes, world).local
         return _num_sample(local, sample_rate, global_batch) < local
 
     @property
@@ -145,7 +146,7 @@ class PartialFC(nn.Module):
         # (A broadcast input would need an eager broadcast outside the compiled step each step;
         # measured: a 400-step 2-rank sampling loop then hung once in four runs.)
         rng = np.random.default_rng([self.seed, step])
-        return parallel.fc_shard(rng.random(micro_batches * self.local_classes, dtype=np.float32), self.device)
+        return fc_table.class_split(rng.random(micro_batches * self.local_classes, dtype=np.float32), self.device)
 
     def sample(self, labels, noise=None):
         """labels [N] broadcast -> (kept positions J [k] broadcast, remapped labels [N] broadcast).
@@ -180,7 +181,7 @@ class PartialFC(nn.Module):
         """The -1e4 bias of padded classes among the kept columns, [world*k] split(0), or None."""
         if self.pad_bias is None:
             return None
-        return parallel.table_rows(self._kept(self.pad_bias, kept)).view(-1)
+        return fc_table.table_rows(self._kept(self.pad_bias, kept)).view(-1)
 
     def sampled_mask(self, kept):
         """[local, 1, 1] broadcast bool, True at the kept positions: selects, in the weight table
@@ -207,7 +208,7 @@ class PartialFC(nn.Module):
             kept, labels = self.sample(labels, noise)
         table = self._kept(self.weight, kept)
         table = table.detach() if detach_rows else table
-        rows = parallel.table_rows(table)
+        rows = fc_table.table_rows(table)
         xs, wn = F.normalize(embeddings, dim=1) * self.margin.scale, F.normalize(rows, dim=1)
         cosine = flow.matmul(xs, wn, transpose_b=True)  # under AMP the matmul may run in FP16
         return Cosines(cosine.to(flow.float32), labels, kept, table, rows, xs, wn)
@@ -271,4 +272,4 @@ class PartialFC(nn.Module):
         g_rows = (g_wn - wn * per_row((wn * g_wn).sum(dim=1), wn)) / per_row(norm, wn)
         if self.row_decay:
             g_rows = g_rows + self.row_decay * c.rows
-        return HeadOutput(loss, loss, c.kept), parallel.rows_table(g_rows, self.world)
+        return HeadOutput(loss, loss, c.kept), fc_table.rows_table(g_rows, self.world)

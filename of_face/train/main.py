@@ -16,7 +16,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from of_face.run_folder import die_with_parent
+    from of_face.run.lock import die_with_parent
     from of_face.train.errors import guard_rank
 
     guard_rank()  # under of_face.train.launch: die with the launcher

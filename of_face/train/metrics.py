@@ -21,14 +21,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from of_face.errors import ToolError
 from of_face.io import atomic_write
+from of_face.run.names import CONFIG_FILE, METRICS_FILE, PLOTS  # noqa: F401  (the run folder's names)
 
-METRICS_FILE = "metrics.csv"
-CONFIG_FILE = "config.yaml"
 # step, kind, value come first and mean what they always meant (older readers keep working)
 FIELDS = ["step", "kind", "value", "epoch", "loss_ema", "lr", "scale", "samples_per_s", "eta_s",
           "total_steps", "std"]
 EMA_DECAY = 0.9
-PLOTS = ("loss", "lr", "verification")
 _INT = ("step", "epoch", "total_steps")
 _FLOAT = ("value", "loss_ema", "lr", "scale", "samples_per_s", "eta_s", "std")
 

@@ -13,6 +13,7 @@ import oneflow as flow
 from of_face import parallel
 from of_face.config import load_config
 from of_face.train.system import build
+from of_face.heads import fc_table
 
 out, mode, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
 CLASSES, DIM, GLOBAL_BATCH, STEPS = 21, 8, 16, 4
@@ -32,7 +33,7 @@ cfg = load_config(None, [
 system = build(cfg, CLASSES, backbone=linear, total_steps=STEPS, warmup_steps=2)  # LR differs every step
 backbone, head, step = system.backbone, system.head, system.step
 with flow.no_grad():
-    head.weight.copy_(parallel.fc_weight(rng.normal(0, 1, (head.padded_classes, DIM)).astype(np.float32)))
+    head.weight.copy_(head.table.from_rows(rng.normal(0, 1, (head.padded_classes, DIM)).astype(np.float32)))
 
 losses = []
 for _ in range(STEPS):
@@ -41,7 +42,7 @@ for _ in range(STEPS):
     # rank-major global batch; with k micro-batches rank r's shard is its k pieces back to back
     loss = step(parallel.batch(x[r * per_rank:(r + 1) * per_rank]), parallel.batch(y[r * per_rank:(r + 1) * per_rank]))
     losses.append(float(parallel.to_numpy(loss)))
-result = {"losses": losses, "fc": parallel.fc_rows(head.weight).tolist(),
+result = {"losses": losses, "fc": fc_table.rows(head.weight).tolist(),
           "linear": parallel.to_numpy(backbone.weight).tolist()}
 if r == 0:
     json.dump(result, open(out, "w"))

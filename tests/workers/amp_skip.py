@@ -14,6 +14,7 @@ import of_face  # noqa: F401
 from of_face import parallel
 from of_face.config import load_config
 from of_face.train.system import build
+from of_face.heads import fc_table
 
 out = sys.argv[1]
 sparse = len(sys.argv) > 2 and sys.argv[2] == "1"
@@ -34,7 +35,7 @@ def local_params():
 
 rng = np.random.default_rng(0)
 r, per_rank = parallel.rank(), 4
-fc0 = parallel.fc_rows(head.weight).tolist()
+fc0 = fc_table.rows(head.weight).tolist()
 record = []
 for i in range(3):
     x = rng.standard_normal((2 * per_rank, 3, 112, 112)).astype(np.float32)[r * per_rank:(r + 1) * per_rank]
@@ -54,5 +55,5 @@ for i in range(3):
         local = counter.to_local().numpy().reshape(-1)  # (a variable of rank 0 only, like the scale)
         record[-1]["fc_job_step"] = int(local[0]) if local.size else None
     if i == 0:
-        record[-1].update(fc=parallel.fc_rows(head.weight).tolist(), fc0=fc0, k=head.num_sample)
+        record[-1].update(fc=fc_table.rows(head.weight).tolist(), fc0=fc0, k=head.num_sample)
 json.dump(record, open(f"{out}.{r}.json", "w"))

@@ -13,6 +13,7 @@ import of_face  # noqa: F401
 import oneflow as flow
 from of_face import parallel
 from of_face.heads.partial_fc import PartialFC
+from of_face.heads import fc_table
 
 out = sys.argv[1]
 CLASSES, DIM, RATE = 21, 8, 0.5  # padded to 22 on 2 ranks: 11 per rank, 1 padded on rank 1
@@ -53,7 +54,7 @@ def recording_sample(labels, noise=None):
 
 head.sample = recording_sample
 weight = np.random.default_rng(1).standard_normal((head.padded_classes, DIM)).astype(np.float32)
-head.weight = flow.nn.Parameter(parallel.fc_weight(weight))
+head.weight = flow.nn.Parameter(head.table.from_rows(weight))
 emb = np.random.default_rng(2).standard_normal((4, DIM)).astype(np.float32)
 labels = np.array([3, 15, 20, 10], np.int64)  # 10: position 10 kept, so padded class 21 too
 r = parallel.rank()
@@ -62,6 +63,6 @@ loss.backward()
 result = {"k": head.num_sample, "local": head.local_classes, "steps": steps,
           "loss": float(parallel.to_numpy(loss)), "weight": weight.tolist(), "emb": emb.tolist(),
           "labels": labels.tolist(), "index": recorded["index"].tolist(), "remapped": recorded["remapped"].tolist(),
-          "grad": parallel.fc_rows(head.weight.grad).tolist()}
+          "grad": fc_table.rows(head.weight.grad).tolist()}
 if r == 0:
     json.dump(result, open(out, "w"))

@@ -13,6 +13,7 @@ import oneflow as flow
 from of_face import parallel
 from of_face.config import load_config
 from of_face.train.system import build
+from of_face.heads import fc_table
 
 out, mode, opt_name, sparse = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 amp = len(sys.argv) > 5 and sys.argv[5] == "1"
@@ -30,7 +31,7 @@ head, step = system.head, system.step
 rng = np.random.default_rng(3)
 w0 = rng.normal(0, 1, (head.padded_classes, DIM)).astype(np.float32)
 with flow.no_grad():
-    head.weight.copy_(parallel.fc_weight(w0))
+    head.weight.copy_(head.table.from_rows(w0))
 
 r, per_rank = parallel.rank(), BATCH // parallel.world_size()
 record = {"k": head.num_sample, "classes": CLASSES, "weights": [w0.tolist()], "x": [], "y": [], "loss": []}
@@ -41,7 +42,7 @@ for _ in range(STEPS):
     record["loss"].append(float(parallel.to_numpy(loss)))
     record["x"].append(x.tolist())
     record["y"].append(y.tolist())
-    record["weights"].append(parallel.fc_rows(head.weight).tolist())
+    record["weights"].append(fc_table.rows(head.weight).tolist())
 if mode == "graph":
     jobs = [step.graph] + ([step.fc_graph] if hasattr(step, "fc_graph") else [])  # (AMP + sparse: 2 jobs)
     record["ops"] = [sorted({op.user_conf.op_type_name for op in job._full_job_proto.net.op

@@ -9,7 +9,9 @@ import errno
 import os
 import sys
 
-from of_face import checkpoint, checkpoint_shards, parallel
+from of_face import parallel
+from of_face.run import checkpoint
+from of_face.run import shards as checkpoint_shards
 from of_face.io import atomic_write
 
 FAIL_STEP, FAIL_RANK = int(sys.argv.pop(1)), int(sys.argv.pop(1))

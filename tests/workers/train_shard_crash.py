@@ -7,7 +7,8 @@ import os
 import signal
 import sys
 
-from of_face import checkpoint_shards, parallel
+from of_face import parallel
+from of_face.run import shards as checkpoint_shards
 
 CRASH_STEP, CRASH_RANK = int(sys.argv.pop(1)), int(sys.argv.pop(1))
 real_write_rows = checkpoint_shards.write_rows

@@ -12,6 +12,7 @@ import oneflow as flow
 from of_face import parallel
 from of_face.config import load_config
 from of_face.train.system import build
+from of_face.heads import fc_table
 
 out, mode, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rate = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
@@ -26,7 +27,7 @@ cfg = load_config(None, [
 system = build(cfg, CLASSES, total_steps=steps, warmup_steps=2)
 backbone, head, step = system.backbone, system.head, system.step
 with flow.no_grad():
-    head.weight.copy_(parallel.fc_weight(
+    head.weight.copy_(head.table.from_rows(
         np.random.default_rng(1).normal(0, 0.01, (head.padded_classes, 16)).astype(np.float32)))
 
 rng = np.random.default_rng(0)
@@ -37,7 +38,7 @@ for _ in range(steps):
     y = rng.integers(0, CLASSES, GLOBAL_BATCH)
     loss = step(parallel.batch(x[r * per_rank:(r + 1) * per_rank]), parallel.batch(y[r * per_rank:(r + 1) * per_rank]))
     losses.append(float(parallel.to_numpy(loss)))
-fc = parallel.fc_rows(head.weight)
+fc = fc_table.rows(head.weight)
 bb = sum(float(np.abs(parallel.to_numpy(p)).sum()) for p in backbone.parameters())
 if r == 0:
     json.dump({"losses": losses, "fc_sum": float(np.abs(fc).sum()), "backbone_sum": bb}, open(out, "w"))

@@ -13,6 +13,7 @@ import oneflow as flow
 from of_face import parallel
 from of_face.config import load_config
 from of_face.train.system import build
+from of_face.heads import fc_table
 
 out, mode, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 CLASSES, PER_RANK = 101, 8
@@ -41,6 +42,6 @@ for _ in range(STEPS):
     s = slice(r * PER_RANK, (r + 1) * PER_RANK)
     losses.append(float(parallel.to_numpy(step(parallel.batch(x[s]), parallel.batch(y[s])))))
 np.savez(f"{out}.rank{r}.npz", **{n: p.to_local().numpy() for n, p in backbone.named_parameters()})
-result = {"losses": losses, "fc": parallel.fc_rows(head.weight).tolist()}
+result = {"losses": losses, "fc": fc_table.rows(head.weight).tolist()}
 if r == 0:
     json.dump(result, open(out, "w"))

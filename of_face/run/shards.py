@@ -1,6 +1,6 @@
 """Sharded training checkpoints (`Global.checkpoint_format: sharded`): a folder `ckpt-<step>/`.
 
-    main.npz                      rank 0: everything of the one-file format (of_face/checkpoint.py)
+    main.npz                      rank 0: everything of the one-file format (of_face/run/checkpoint.py)
                                   except the FC rows: backbone, its optimizer state, graph
                                   variables, RNG states, __meta__ (with the config)
     <key>.rank<r>.npy             rank r: its own real FC rows (no padding rows) of `key`:
@@ -19,11 +19,10 @@ file system (as they share it for the one-file format's reading).
 import json
 import os
 import shutil
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from of_face import parallel
 from of_face.io import atomic_write, fsync_path
 
 MANIFEST = "manifest.json"
@@ -52,12 +51,6 @@ def shard_file(key: str, rank: int) -> str:
     return f"{key.replace('/', '.')}.rank{rank}.npy"
 
 
-def row_range(rank: int, world: int, padded: int, num_classes: int) -> Tuple[int, int]:
-    """The real (unpadded) class rows rank `rank` owns: [start, stop) of [0, num_classes)."""
-    n = padded // world
-    return min(rank * n, num_classes), min((rank + 1) * n, num_classes)
-
-
 def begin(path: str, rank: int) -> str:
     """Every rank: the partial folder this save writes into (rank 0 clears an old one first;
     the caller holds a barrier between the two)."""
@@ -78,12 +71,12 @@ def write_main(tmp: str, arrays: Dict[str, np.ndarray]) -> None:
         np.savez(fh, **arrays)
 
 
-def finish(path: str, tmp: str, meta: dict, keys, world: int, padded: int, num_classes: int) -> None:
-    """Rank 0, after every rank's files are written: the manifest, then the folder's rename."""
-    shards = {k: [[shard_file(k, r), *row_range(r, world, padded, num_classes)] for r in range(world)]
-              for k in keys}
-    manifest = {"format": SHARDED_FORMAT, "step": meta["step"], "world_size": world, "num_classes": num_classes,
-                "shards": shards}
+def finish(path: str, tmp: str, meta: dict, keys: List[str], ranges: Sequence[Tuple[int, int]]) -> None:
+    """Rank 0, after every rank's files are written: the manifest, then the folder's rename.
+    `ranges`: every rank's [start, stop) of the real class rows (heads/fc_table.py)."""
+    shards = {k: [[shard_file(k, r), int(a), int(b)] for r, (a, b) in enumerate(ranges)] for k in keys}
+    manifest = {"format": SHARDED_FORMAT, "step": meta["step"], "world_size": len(ranges),
+                "num_classes": meta["num_classes"], "shards": shards}
     with atomic_write(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f)
     fsync_path(tmp)
@@ -110,41 +103,25 @@ def open_main(path: str):
     return np.load(os.path.join(path, MAIN))
 
 
-def read_rows(path: str, manifest: dict, key: str, start: int, stop: int, padded_rows: int,
-              out: Optional[np.ndarray] = None) -> np.ndarray:
-    """Rows [start, stop) of the whole (padded) `key`, zeros past the real classes. Reads only
-    those rows of the shard files, straight into the result (`out` if given, e.g. a CPU tensor's
-    own memory; no memory map whose pages would count as a second copy while it lives)."""
-    if out is not None:
-        out[...] = 0
+def read_rows(path: str, manifest: dict, key: str, start: int, stop: int, out: np.ndarray) -> None:
+    """The stored rows [start, stop) of `key` into `out` (e.g. a CPU tensor's own memory). Reads
+    only those rows of the shard files, straight into `out` (no memory map whose pages would count
+    as a second copy while it lives)."""
     for name, lo, hi in manifest["shards"][key]:
+        a, b = max(lo, start), min(hi, stop)
+        if a >= b:
+            continue
         with open(os.path.join(path, name), "rb") as f:
             version = np.lib.format.read_magic(f)
             shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
                                      else np.lib.format.read_array_header_2_0(f))
-            if out is None:
-                out = np.zeros((padded_rows,) + tuple(shape[1:]), dtype)
-            a, b = max(lo, start), min(hi, stop)
-            if a < b:
-                row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-                f.seek(f.tell() + (a - lo) * row)
-                view = memoryview(out[a - start:b - start]).cast("B")
-                if f.readinto(view) != len(view):
-                    raise ValueError(f"{os.path.join(path, name)}: shorter than its header says")
-    return out
-
-
-def load_rows(path: str, manifest: dict, key: str, ref, in_place: bool = False) -> Optional[object]:
-    """This rank's rows of `key` in the current world, placed like the class-split tensor `ref`.
-    `in_place` with a CPU `ref`: read into `ref` itself (its numpy view; returns None), so the
-    load needs no host memory beyond the tensor."""
-    n = parallel.fc_num_rows(ref) // parallel.world_size()
-    start = parallel.rank() * n
-    local = parallel.fc_local_rows(ref)
-    if in_place and local.device.type == "cpu":
-        read_rows(path, manifest, key, start, start + n, n, out=local.numpy())
-        return None
-    return parallel.place_local_like(read_rows(path, manifest, key, start, start + n, n), ref)
+            if dtype != out.dtype:
+                raise ValueError(f"{os.path.join(path, name)}: {dtype} rows, expected {out.dtype}")
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            f.seek(f.tell() + (a - lo) * row)
+            view = memoryview(out[a - start:b - start]).cast("B")
+            if f.readinto(view) != len(view):
+                raise ValueError(f"{os.path.join(path, name)}: shorter than its header says")
 
 
 def remove_partials(out_dir: str) -> list:
