@@ -46,6 +46,7 @@ from of_face.models import build_backbone
 from of_face.onnx_surgery import (INPUT_NAME, MEAN, OUTPUT_NAME, STD, ExportError, _rename_value, add_normalization,
                                    fix_converter_output, flow_ops, make_batch_dynamic)
 from of_face.models.embed_graph import EmbedGraph
+from of_face.oneflow_compat import full_graph_proto
 
 IMAGE_SIZE = 112
 # Batch size used to trace the graph: a prime that divides no channel, spatial or token size of
@@ -205,7 +206,7 @@ def export_onnx(run_dir_or_checkpoint, out_path, config=None, opset=11, bake_nor
             example = normalize(_parity_batches([TRACE_BATCH], seed=1)[TRACE_BATCH])
             with flow.no_grad():
                 graph(flow.tensor(example, dtype=flow.float32))  # trace + compile at TRACE_BATCH
-            ops = flow_ops(graph._full_graph_proto)
+            ops = flow_ops(full_graph_proto(graph))
             _check_convertible(ops, opset, model_cfg.name)
             weights = os.path.join(work, "weights")
             flow.save(graph.state_dict(), weights)

@@ -80,3 +80,11 @@ def full_graph_proto(graph: flow.nn.Graph) -> Any:
     """A compiled graph's job proto (`_full_graph_proto`): its op list, which export checks
     against what the ONNX converter supports before converting."""
     return graph._full_graph_proto
+
+
+# OneFlow's functional namespace (`oneflow._C`), private by name in 0.9. Used for three ops that
+# have no public form: `global_constant` (a constant made directly with a placement and SBP, so no
+# local tensor is built and then placed inside a compiled job), `constant` (its local twin, for the
+# eager and one-device paths), and `combined_margin_loss` (run on zeros it marks each row's label
+# column, also on class-split logits where a rank holds only some columns: heads/margin.py).
+functional = flow._C

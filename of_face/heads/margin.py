@@ -23,6 +23,7 @@ import oneflow as flow
 import oneflow.nn as nn
 
 from of_face import parallel
+from of_face.oneflow_compat import functional
 
 # d cos(m1*theta + m2) / d cos(theta) = m1 * sin(m1*theta + m2) / sin(theta) is infinite at
 # cos = +-1 (inf, and a memorised sample reaches cos = 1.0 in FP32): the margin sees cosines at
@@ -90,7 +91,7 @@ class CombinedMargin(nn.Module):
 def label_columns(x, labels):
     """1.0 at [i, labels[i]] and 0.0 elsewhere, shaped like x [N, C]; on class-split x each rank
     marks only the label columns it owns (OneFlow's margin op with cos(theta) - (-1) on zeros)."""
-    return flow._C.combined_margin_loss(constant_like(x, 0.0), labels, m1=1.0, m2=0.0, m3=-1.0)
+    return functional.combined_margin_loss(constant_like(x, 0.0), labels, m1=1.0, m2=0.0, m3=-1.0)
 
 
 def constant_like(x, value, dtype=None):
@@ -99,8 +100,8 @@ def constant_like(x, value, dtype=None):
     in every run's log."""
     dtype = dtype or x.dtype
     if x.is_global:
-        return flow._C.global_constant(x.shape, value, dtype=dtype, placement=x.placement, sbp=x.sbp)
-    return flow._C.constant(x.shape, value, dtype=dtype, device=x.device)
+        return functional.global_constant(x.shape, value, dtype=dtype, placement=x.placement, sbp=x.sbp)
+    return functional.constant(x.shape, value, dtype=dtype, device=x.device)
 
 
 def row_sum(x):
@@ -133,7 +134,7 @@ def per_row(v, like, outer: bool = False):
     runs every matmul in FP16.
     """
     if outer:
-        ones = constant_like(like[:1], 1.0) if not like.is_global else flow._C.global_constant(
+        ones = constant_like(like[:1], 1.0) if not like.is_global else functional.global_constant(
             (1, like.shape[1]), 1.0, dtype=like.dtype, placement=like.placement, sbp=like.sbp)
         return flow.matmul(v.unsqueeze(1).to(like.dtype), ones)
     return flow.broadcast_like(v.unsqueeze(1), like, broadcast_axes=[1])

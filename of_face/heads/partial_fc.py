@@ -49,6 +49,7 @@ import oneflow.nn as nn
 import oneflow.nn.functional as F
 
 from of_face import parallel
+from of_face.oneflow_compat import functional
 from of_face.heads import fc_table
 from of_face.heads.fc_table import FCTable
 from of_face.heads.margin import CombinedMargin, constant_like, label_columns, per_row, row_sum
@@ -166,7 +167,7 @@ class PartialFC(nn.Module):
             noise = parallel.gather(noise).view(self.world, local)[0]
         _, kept = flow.topk(noise + 2.0 * positive, k)  # positives first (score >= 2 > noise)
         slots = flow.arange(k, dtype=flow.int64, placement=place, sbp=parallel.SBP_GATHERED)
-        slot_of = flow._C.global_constant([local], 0, dtype=flow.int64, placement=place, sbp=parallel.SBP_GATHERED)
+        slot_of = functional.global_constant([local], 0, dtype=flow.int64, placement=place, sbp=parallel.SBP_GATHERED)
         slot_of = flow.scatter(slot_of, 0, kept, slots)
         return kept, rank_of * k + flow.index_select(slot_of, 0, position)
 
@@ -190,7 +191,7 @@ class PartialFC(nn.Module):
 
     def _marked(self, positions):
         """[local] broadcast float: 1.0 at the given local positions, 0.0 elsewhere."""
-        marks = flow._C.global_constant([self.local_classes], 0.0, dtype=flow.float32,
+        marks = functional.global_constant([self.local_classes], 0.0, dtype=flow.float32,
                                         placement=self.weight.placement, sbp=parallel.SBP_GATHERED)
         return flow.scatter(marks, 0, positions, constant_like(positions, 1.0, flow.float32))
 

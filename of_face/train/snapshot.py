@@ -22,6 +22,7 @@ from of_face.run import checkpoint
 from of_face.run.changes import CLASS_COUNT
 from of_face.run.folder import RunFolder
 from of_face.run.checkpoint import FC_WEIGHT, HEAD_WEIGHT, CheckpointError, CheckpointState, is_fc_key
+from of_face.oneflow_compat import sync
 from of_face.train.rng import rng_states, set_rng_states
 from of_face.train.steps import OPTIMIZER_SLOTS, TRAIN_STEP_VAR, StepperState, named_parameters
 
@@ -29,7 +30,7 @@ from of_face.train.steps import OPTIMIZER_SLOTS, TRAIN_STEP_VAR, StepperState, n
 def capture(system, step: int, meta: dict) -> CheckpointState:
     """The checkpoint of `system` after optimizer step `step`; collective. `meta`: the trainer's JSON-able position
     (epoch, batch in epoch, batch plan, run id, checkpoint_format, ...) and config."""
-    flow._oneflow_internal.eager.Sync()  # every queued step done (as nn.Graph.state_dict() does)
+    sync()  # every queued step done (as nn.Graph.state_dict() does)
     backbone, head = system.backbone, system.head
     state = system.step.state_dict()
     sources = {f"model/backbone.{k}": v for k, v in backbone.state_dict().items()}
