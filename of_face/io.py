@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import IO, Iterator, List, Union
+from typing import IO, Callable, Iterator, List, Tuple, Union
 
 from of_face.errors import RUNTIME, ToolError
 
@@ -147,3 +147,39 @@ def check_output(path: PathLike, flag: str, what: str = "file") -> None:
     except OSError as e:
         raise ToolError(f"{flag} {path}: cannot write in {folder} ({e.strerror}); expected a writable folder",
                         code=RUNTIME) from None
+
+
+def complete_part(path: str) -> Tuple[bytes, str]:
+    """(a CSV file's bytes up to its last complete row, what was after it: "" when nothing).
+    A run killed mid-append leaves a partial last row, or NUL bytes where the file grew but the
+    data never reached the disk."""
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.find(b"\0")
+    kept = data if end < 0 else data[:end]
+    if kept and not kept.endswith(b"\n"):
+        kept = kept[:kept.rfind(b"\n") + 1]
+    if len(kept) == len(data):
+        return data, ""
+    return kept, "NUL bytes" if end >= 0 else "a partial last row"
+
+
+def row_count(kept: bytes) -> int:
+    return max(kept.count(b"\n") - 1, 0)  # the header is not a row
+
+
+def cut_where(path: str, kept: bytes, what: str) -> str:
+    line = kept.count(b"\n") + 1
+    return f"warning: {path}: cut short at line {line} ({what}: a run that crashed while writing it?); "
+
+
+def cut_to_complete_rows(path: str, warn: Callable[[str], None]) -> bool:
+    """Cut a CSV file (metrics.csv) back to its last complete row, atomically, the bytes before it unchanged
+    (`warn` says so); returns whether anything (a header at least) is left. For writers that are
+    about to append or rewrite it."""
+    kept, what = complete_part(path)
+    if what:
+        with atomic_write(path) as f:
+            f.write(kept)
+        warn(cut_where(path, kept, what) + f"cut back to the {row_count(kept)} complete row(s) before it")
+    return bool(kept)

@@ -184,3 +184,18 @@ def test_ranks_die_with_their_launcher(tmp_path, faces):
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+@pytest.mark.parametrize("tail", [b"\0" * 64, b"5,loss,0.1"])
+def test_resume_cuts_a_crashed_metrics_file_before_reading_it(tmp_path, tail):
+    """A crash mid-append leaves NUL bytes (csv cannot read them: the resume died with an internal
+    error) or a partial row (was kept as a row with a cut number): both are cut off first, then the
+    rows after the resumed step."""
+    from of_face.run.folder import cut_metrics
+    path = tmp_path / "metrics.csv"
+    rows = [f"{s},loss,{s / 10}\r\n".encode() for s in range(1, 5)]
+    path.write_bytes(b"step,kind,value\r\n" + b"".join(rows) + tail)
+    warned = []
+    assert cut_metrics(str(path), 2, warned.append) == 2
+    assert path.read_bytes() == b"step,kind,value\r\n" + rows[0] + rows[1]
+    assert len(warned) == 1 and str(path) in warned[0] and "cut short at line 6" in warned[0], warned

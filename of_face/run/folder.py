@@ -194,16 +194,17 @@ class RunFolder:
             save_config(cfg, self.file(CONFIG_FILE))
         if resumed_step is not None:
             save_config(cfg, self.file(RESUME_CONFIG.format(step=resumed_step)))
-        dropped = cut_metrics(self.file(METRICS_FILE), -1 if resumed_step is None else resumed_step)
+        dropped = cut_metrics(self.file(METRICS_FILE), -1 if resumed_step is None else resumed_step, self.log)
         if dropped:
             self.log(f"{METRICS_FILE}: dropped {dropped} row(s) after step {resumed_step or 0} "
                      "(steps that were not saved)")
 
 
-def cut_metrics(path: str, step: int) -> int:
+def cut_metrics(path: str, step: int, warn: Callable[[str], None] = print) -> int:
     """Keep only metrics.csv rows at steps <= step (all rows gone for step < 0); returns how many
     were dropped. Rewritten atomically."""
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+    # a crash may have left a partial last row or NUL bytes, which csv cannot read: cut them first
+    if not os.path.isfile(path) or not io.cut_to_complete_rows(path, warn):
         return 0
     with open(path, newline="") as f:
         reader = csv.DictReader(f)

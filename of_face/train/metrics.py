@@ -20,7 +20,7 @@ import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 from of_face.errors import ToolError
-from of_face.io import atomic_write
+from of_face.io import atomic_write, complete_part, cut_to_complete_rows, cut_where, row_count
 from of_face.run.names import CONFIG_FILE, METRICS_FILE, PLOTS  # noqa: F401  (the run folder's names)
 
 # step, kind, value come first and mean what they always meant (older readers keep working)
@@ -71,48 +71,12 @@ def check_run(out_dir: str) -> None:
         raise RunError(f"{out_dir}: not an of_face run folder ({what})")
 
 
-def _complete_part(path: str) -> Tuple[bytes, str]:
-    """(metrics.csv's bytes up to its last complete row, what was after it: "" when nothing).
-    A run killed mid-append leaves a partial last row, or NUL bytes where the file grew but the
-    data never reached the disk."""
-    with open(path, "rb") as f:
-        data = f.read()
-    end = data.find(b"\0")
-    kept = data if end < 0 else data[:end]
-    if kept and not kept.endswith(b"\n"):
-        kept = kept[:kept.rfind(b"\n") + 1]
-    if len(kept) == len(data):
-        return data, ""
-    return kept, "NUL bytes" if end >= 0 else "a partial last row"
-
-
-def _rows(kept: bytes) -> int:
-    return max(kept.count(b"\n") - 1, 0)  # the header is not a row
-
-
-def _cut_where(path: str, kept: bytes, what: str) -> str:
-    line = kept.count(b"\n") + 1
-    return f"warning: {path}: cut short at line {line} ({what}: a run that crashed while writing it?); "
-
-
 def _complete_text(path: str, warn: Callable[[str], None]) -> str:
     """metrics.csv's text up to its last complete row (`warn` says when that is not all of it)."""
-    kept, what = _complete_part(path)
+    kept, what = complete_part(path)
     if what:
-        warn(_cut_where(path, kept, what) + f"reading the {_rows(kept)} complete row(s) before it")
+        warn(cut_where(path, kept, what) + f"reading the {row_count(kept)} complete row(s) before it")
     return kept.decode("utf-8", "replace")
-
-
-def cut_to_complete_rows(path: str, warn: Callable[[str], None]) -> bool:
-    """Cut metrics.csv back to its last complete row, atomically, the bytes before it unchanged
-    (`warn` says so); returns whether anything (a header at least) is left. For writers that are
-    about to append or rewrite it."""
-    kept, what = _complete_part(path)
-    if what:
-        with atomic_write(path) as f:
-            f.write(kept)
-        warn(_cut_where(path, kept, what) + f"cut back to the {_rows(kept)} complete row(s) before it")
-    return bool(kept)
 
 
 def _warn(text: str) -> None:
