@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Largest FC class count at r 0.1, sparse update, 2 ranks (bench/fc_max_classes.py; issue 12 item 7).
+# Largest FC class count at r 0.1, sparse update, 2 ranks (bench/fc_max_classes.py).
 # Usage: bash bench/fc_max_classes.sh [--dims 512 128] [--budget-gib G] [--resolution 0.02] ...
 # Run it on a quiet machine: the default budget is MemAvailable at start minus 1.5 GiB, and every
 # trial is killed by the script's watchdog before it can reach the kernel OOM killer.

@@ -1,5 +1,5 @@
 """A checkpoint that cannot be written (disk full) stops the run on every rank with one line
-naming the file and the last good checkpoint; that checkpoint stays intact and resumes (issue 13).
+naming the file and the last good checkpoint; that checkpoint stays intact and resumes.
 Through the real 2-rank launcher, under a timeout: a rank left waiting would hang the test."""
 import pytest
 

@@ -1,5 +1,5 @@
 """Export and eval take a run folder with only ckpt-* checkpoints, or one checkpoint file, and
-say which one they used (issue 13). Checked against the same weights read through backbone.npz."""
+say which one they used. Checked against the same weights read through backbone.npz."""
 import shutil
 import subprocess
 

@@ -1,4 +1,4 @@
-"""The RecordIO label index (issue 13): labels from insightface's identity ranges, else one pass
+"""The RecordIO label index: labels from insightface's identity ranges, else one pass
 over the headers, cached beside the data (or in the cache folder when the data is read-only),
 rebuilt when a file changes, built by one rank only. Labels are checked against mxnet's own
 reader of every record."""

@@ -1,4 +1,4 @@
-"""A run folder belongs to one run, and no run loses another's work (issue 13), through the real
+"""A run folder belongs to one run, and no run loses another's work, through the real
 launcher: a fresh run into an old run's folder, two runs into one folder, a stale lock, killing
 only the launcher, a resume that changes the optimizer or the model, metrics.csv after a resume,
 rotation that only deletes this run's checkpoints."""

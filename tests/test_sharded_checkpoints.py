@@ -1,4 +1,4 @@
-"""Sharded checkpoints (Global.checkpoint_format=sharded, issue 13), through the real launcher.
+"""Sharded checkpoints (Global.checkpoint_format=sharded), through the real launcher.
 
 - the same run saved sharded and as one file holds the same arrays, bit for bit;
 - load + save with no step between, 2 -> 1 -> 2 ranks: every model, optimizer and graph array
