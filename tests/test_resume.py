@@ -1,4 +1,4 @@
-"""Checkpoints and resume through the real CLI .
+"""Checkpoints and resume through the real CLI.
 
 - kill -9 mid-run, `Global.resume=auto` to the end: the final checkpoint (backbone, FC, momentum
   of both, step counter, every rank's copy of replicated tensors) and backbone.npz are
