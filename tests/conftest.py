@@ -106,18 +106,19 @@ def o_args(overrides):
     return [a for o in overrides for a in ("-o", str(o))]
 
 
-def train_cmd(overrides, nproc=2, script=None, args=(), launcher="oneflow", config=CONFIG):
+def train_cmd(overrides, nproc=2, script=None, args=(), launcher="oneflow", config=CONFIG, module=None):
     """The command of a run: of_face.train.main (or the worker `script`, `args` before the config)
     with `config` (configs/default.yaml) + `overrides`, on `nproc` ranks started by `launcher`:
     "oneflow" (oneflow.distributed.launch), "of_face" (of_face.train.launch, what
-    scripts/train_ddp.sh runs) or None (one plain process, no launcher)."""
+    scripts/train_ddp.sh runs; `module`: a worker module it runs instead of of_face.train.main) or
+    None (one plain process, no launcher)."""
     target = [str(REPO / script), *map(str, args)] if script else ["-m", "of_face.train.main"]
     if launcher == "oneflow":
         start = ["-m", "oneflow.distributed.launch", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
     elif launcher == "of_face":
         assert not script, "of_face.train.launch runs of_face.train.main only"
         start, target = ["-m", "of_face.train.launch", "--nproc-per-node", str(nproc), "--master",
-                         f"127.0.0.1:{free_port()}"], []
+                         f"127.0.0.1:{free_port()}", *(["--module", module] if module else [])], []
     else:
         start = []
     return [sys.executable, *start, *target, "-c", str(config), *o_args(overrides)]
@@ -132,10 +133,10 @@ class Ran:
 
 
 def train(overrides, nproc=2, script=None, args=(), check=True, timeout=600, env=None, launcher="oneflow",
-          config=CONFIG):
+          config=CONFIG, module=None):
     """Run `train_cmd(...)`; check=True fails the test (with the output) unless it exits 0."""
-    proc = subprocess.run(train_cmd(overrides, nproc, script, args, launcher, config), cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    proc = subprocess.run(train_cmd(overrides, nproc, script, args, launcher, config, module), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     text = proc.stdout + proc.stderr
     assert not check or proc.returncode == 0, f"training failed ({proc.returncode}):\n{text[-6000:]}"
     return Ran(proc.returncode, text, proc.stdout, proc.stderr)

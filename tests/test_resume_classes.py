@@ -4,45 +4,28 @@ would and trains on; without the key listed, or with fewer classes, the resume i
 one `error:` line. Through the real 2-rank launcher (of_face.train.launch), under a timeout.
 
 14 classes on 2 ranks are 7 per rank, 20 are 10: the old rows also move between the ranks."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port
-from of_face.data import synthetic
+from conftest import tiny, train
 
 INIT_STD = 0.01  # PartialFC's N(0, 0.01) class centres
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    roots = {}
-    for n in (14, 20):
-        roots[n] = tmp_path_factory.mktemp(f"faces{n}")
-        synthetic.generate(roots[n], num_identities=n, images_per_identity=4, val_identities=2, val_pairs=2)
-    return roots
+def data(synthetic_faces):
+    return {n: synthetic_faces(n, 4) for n in (14, 20)}
 
 
 def overrides(root, out, classes, *extra):
-    return ["Model.name=iresnet", "Model.layers=[1,1,1,1]", "Model.width=8", "Model.embedding_size=32",
-            "Data.dataset=rec", f"Data.root={root}", "Data.val_targets=[]", "Global.device=cpu",
-            "Global.eval_before_training=false", f"Global.output_dir={out}", "Global.mode=graph",
-            "Data.batch_size=4", "Global.log_interval=1", "Global.keep_checkpoints=0", "Global.epochs=20",
-            "Global.save_interval=2", f"Loss.num_classes={classes}", *extra]
+    return tiny(root, out, "Global.mode=graph", "Data.batch_size=4", "Global.log_interval=1",
+                "Global.keep_checkpoints=0", "Global.epochs=20", "Global.save_interval=2",
+                f"Loss.num_classes={classes}", *extra)
 
 
 def launch(args, module=None, env=None, timeout=400):
-    cmd = [sys.executable, "-m", "of_face.train.launch", "--nproc-per-node", "2",
-           "--master", f"127.0.0.1:{free_port()}"] + (["--module", module] if module else [])
-    cmd += ["-c", "configs/default.yaml"]
-    for o in args:
-        cmd += ["-o", o]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    return proc.returncode, proc.stdout + proc.stderr
+    ran = train(args, launcher="of_face", module=module, env=env, timeout=timeout, check=False)
+    return ran.returncode, ran.text
 
 
 def error_lines(text):
