@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--mode", choices=("graph", "eager"), default="graph")
     ap.add_argument("--data", default=str(parity.DEFAULT_DATA))
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--accurate-bn", action="store_true",
+                    help="swap bench/accurate_bn.py's BatchNorm into the backbone (of_face uses OneFlow's kernel)")
     ap.add_argument("--dump", help="also write of_face's step-1 tensors (torch names) to this .npz")
     args = ap.parse_args()
     folder = Path(args.fixture)
@@ -52,7 +54,13 @@ def main():
     hp = traj["hyperparameters"]
     cfg = parity.config_for(traj, folder, args.mode, [])
     dataset = RecordDataset(args.data)
-    system = build(cfg, traj["num_classes"], total_steps=len(traj["steps"]), warmup_steps=0)
+    backbone = build_backbone(cfg.Model)
+    if args.accurate_bn:
+        import accurate_bn  # bench/accurate_bn.py (this folder is on sys.path when run as a script)
+        for m in backbone.modules():  # same parameters and buffers: only forward differs
+            if isinstance(m, (flow.nn.BatchNorm2d, flow.nn.BatchNorm1d)):
+                m.__class__ = accurate_bn.BatchNorm2d if isinstance(m, flow.nn.BatchNorm2d) else accurate_bn.BatchNorm1d
+    system = build(cfg, traj["num_classes"], backbone=backbone, total_steps=len(traj["steps"]), warmup_steps=0)
     with flow.no_grad():
         parallel.load_into(system.head.weight, np.load(folder / "fc_init.npy"))
     family = family_of(build_backbone(cfg.Model))

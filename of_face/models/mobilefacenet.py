@@ -20,7 +20,6 @@ from typing import List, Optional, Sequence, Set
 
 import oneflow.nn as nn
 
-from of_face.models.norm import BatchNorm1d, BatchNorm2d
 from of_face.models.registry import low_dim_parameters, register_family, register_model
 
 BLOCKS = {"mbf": (1, 4, 6, 2), "mbf_large": (2, 8, 12, 4)}
@@ -35,7 +34,7 @@ class ConvUnit(nn.Sequential):
         padding = 1 if kernel == 3 else 0
         layers = [
             nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, groups=groups, bias=False),
-            BatchNorm2d(cout),  # accurate batch statistics (models/norm.py)
+            nn.BatchNorm2d(cout),
         ]
         if not linear:
             layers.append(nn.PReLU(cout))
@@ -72,7 +71,7 @@ class GDC(nn.Sequential):
             ConvUnit(channels, channels, 7, groups=channels, linear=True),
             nn.Flatten(1),
             nn.Linear(channels, embedding_size, bias=False),
-            BatchNorm1d(embedding_size),
+            nn.BatchNorm1d(embedding_size),
         )
 
 

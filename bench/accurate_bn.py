@@ -1,13 +1,16 @@
-"""BatchNorm whose training-mode batch statistics are accurate in float32 on CPU.
+"""Bench only: BatchNorm whose training-mode batch statistics are accurate in float32 on CPU.
+
+Not used by of_face: in a compiled nn.Graph (CPU memory never reused) it took an mbf training
+step at batch 32 from 3.5 to 13.9 GiB peak RSS. bench/parity_step1.py --accurate-bn swaps it in.
 
 OneFlow 0.9's CPU `normalization` kernel accumulates the batch mean and variance in a way that
 loses precision with the reduction size and with the channel mean's size against its spread
 (E[x^2] - E[x]^2): measured on [32, 128, 56, 56] float32 against float64, its output is 9e-6 off
 (relative) for zero-mean data and 1.7e-2 off for channels of mean 3 and std 0.05, where torch's
 kernel is 2e-6 off and OneFlow's own reductions (`mean`, a two-pass variance) 1e-7 to 1e-9.
-Through MobileFaceNet that made the first gradient 8e-3 off tensor by tensor (median) against an
+Through MobileFaceNet that makes the first gradient 8e-3 off tensor by tensor (median) against an
 exact float64 one, four times torch's float32 error, and the chaotic CosFace recipe of the
-arcface_torch parity fixture turned it into an 8 % gradient-norm difference one step later
+arcface_torch parity fixture turns it into an 8 % gradient-norm difference one step later
 (docs/BENCHMARKS.md, "arcface_torch parity: torch's own spread").
 
 Here training mode normalises with statistics from OneFlow's reductions (two passes: the mean,
