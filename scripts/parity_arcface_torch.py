@@ -13,10 +13,9 @@ fc_init.npy; each step feeds the recorded records in the recorded order, preproc
 arcface_torch does ((x/255 - 0.5)/0.5, checked against the recorded sha256 of every batch).
 
 Printed per step: reference loss, of_face loss, their difference, and the backbone's pre-clip
-gradient norm against the recorded one. Eager mode: the norm of the gradients the step itself hands
-to `clip_grad_norm_` (that call wrapped). Graph mode: the compiled job keeps its gradients inside,
-so the norm is an eager copy's at the same weights, and step 1 also checks the compiled step's own
-gradient (from its momentum buffer) against that copy's, direction for direction (within 1e-3).
+gradient norm against the recorded one, from the step itself: in graph mode the compiled job also
+outputs it (`PreClipNormGraph`), in eager mode it is the norm of the gradients the step hands to
+`clip_grad_norm_` (that call wrapped).
 Then: the final parameter and buffer L2 norms (against trajectory.json, as one vector; the largest
 per-tensor difference is printed too), fc_final.npy, and the after-training eval embeddings (min
 row cosine, mean row L2 norm).
@@ -40,6 +39,7 @@ import numpy as np
 
 import of_face  # noqa: F401  (preloads libraries; must precede oneflow)
 import oneflow as flow
+from oneflow.autograd.autograd import convert_to_tensor_tuple, grad_api  # autograd.grad, usable in nn.Graph
 
 from of_face import parallel
 from of_face.config import ConfigError, load_config
@@ -47,8 +47,7 @@ from of_face.data.loader import load_batch, normalize
 from of_face.data.recordio import RecordDataset
 from of_face.models import build_backbone
 from of_face.models.interop import family_of, of_face_name
-from of_face.heads import build_head
-from of_face.train.steps import GraphStep
+from of_face.train.steps import GraphStep, TrainGraph
 from of_face.train.system import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +56,6 @@ ARCFACE_NAMES = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r1
                  "r200": "iresnet200"}  # arcface_torch get_model name -> of_face Model.name (others equal)
 STEP_BOUNDS = {1: (1e-5, 1.5e-3), 2: (0.05, 0.03)}  # step: (|loss diff|, relative gradient-norm diff)
 SPREAD_FACTOR = 3.0
-GRAPH_VS_EAGER = 1e-3  # graph mode, step 1: the compiled step's gradient direction against the eager copy's
 SPREADS = REPO / "scripts" / "parity_spreads.json"  # torch's own spread per fixture (bench/parity_spread.py)
 FINAL_MEASURES = {  # check name -> key in parity_spreads.json
     "final parameter/buffer L2 norms (as one vector)": "norms_rel",
@@ -124,56 +122,39 @@ def batch_of(dataset, records, labels, sha256, where):
     return x, got
 
 
-class GradNormProbe:
-    """The backbone's pre-clip gradient L2 norm (float64) at the system's current weights, computed on
-    a copy (same modules built the same way, values copied in before each step), so the step itself
-    is untouched. A copy because OneFlow 0.9 cannot run an eager backward through modules that an
-    nn.Graph has already run ("This is a oneflow bug")."""
+class PreClipNormGraph(TrainGraph):
+    """The stepper's compiled job, also returning the backbone's pre-clip gradient L2 norm (float64).
 
-    def __init__(self, cfg, num_classes, system):
-        self.system = system
-        self.backbone = parallel.broadcast_module(build_backbone(cfg.Model), cfg.Global.device)
-        self.head = build_head(cfg, num_classes, system.batch_plan.micro_global)
+    In nn.Graph the gradients stay inside the job (a parameter has no `.grad` in `build`), so the
+    norm is taken there: autograd's gradients of the objective with respect to the backbone's
+    parameters (a second backward over the same forward, in the same job, with the graph's
+    kernels), then the objective's own backward, which the optimizer clips and applies as in
+    TrainGraph (measured: the same losses as TrainGraph's, bit for bit; mbf at batch 32 peaks at
+    5.1 GiB instead of 3.5)."""
 
-    def __call__(self, x, y):
-        with flow.no_grad():
-            for copy, orig in ((self.backbone, self.system.backbone), (self.head, self.system.head)):
-                own = copy.state_dict()
-                for name, value in orig.state_dict().items():
-                    whole = parallel.fc_rows(value) if parallel.is_fc_table(value) else parallel.to_numpy(value)
-                    parallel.load_into(own[name], whole)
-        out = self.head.objective(self.backbone(x), y)
+    def build(self, images, labels, noise=None):
+        out = self.head.objective(self.backbone(images), labels, noise)
+        params = [p.lazy_origin for p in self.backbone.parameters()]  # the job's variables behind the proxies
+        grads = grad_api(convert_to_tensor_tuple(out.objective), convert_to_tensor_tuple(params),
+                         convert_to_tensor_tuple(None), True, False)
+        norm = flow.sqrt(sum((g.to(flow.float64) ** 2).sum() for g in grads))
         out.objective.backward()
-        self._grads = {n: parallel.to_numpy(p.grad).astype(np.float64) for n, p in self.backbone.named_parameters()
-                       if p.grad is not None}
-        total = sum(float(np.sum(g ** 2)) for g in self._grads.values())
-        for p in list(self.backbone.parameters()) + list(self.head.parameters()):
-            p.grad = None
-        return total ** 0.5
-
-    def grads(self):
-        """{backbone parameter name: its gradient} from the last call (kept until the next one)."""
-        return self._grads
+        return out.loss, norm
 
 
-def attach_norm(system, cfg, num_classes):
-    """A function (images, labels) -> (loss, pre-clip backbone gradient norm) running the system's step.
-
-    Eager mode: the norm of the gradients the step itself hands to `clip_grad_norm_` (that call
-    wrapped). Graph mode: the compiled job keeps its gradients inside (a parameter has no `.grad`
-    in `build`; autograd.grad inside the job ran out of memory on this 24 GiB box), so the norm is
-    an eager copy's at the same weights (`GradNormProbe`), and `graph_gradient_check` ties the
-    compiled step's own step-1 gradient to that copy's."""
+def attach_norm(system):
+    """A function (images, labels) -> (loss, pre-clip backbone gradient norm) running the system's
+    own step: in graph mode its compiled job outputs the norm (`PreClipNormGraph`), in eager mode
+    it is the norm of the gradients the step hands to `clip_grad_norm_` (that call wrapped)."""
     step = system.step
     if isinstance(step, GraphStep):
         if step.bias_corrected is not None or step.head.sampling or step.accum_steps != 1:
             raise ValueError("the parity replay drives plain SGD without sampling or accumulation")
-        probe = GradNormProbe(cfg, num_classes, system)
+        step.graph = step.fc_job = PreClipNormGraph(system.backbone, system.head, system.optimizer, system.scheduler)
 
         def run(images, labels):
-            norm = probe(images, labels)
-            return float(parallel.to_numpy(step(images, labels))), norm
-        run.probe = probe
+            loss, norm = step(images, labels)
+            return float(parallel.to_numpy(loss)), float(parallel.to_numpy(norm))
         return run
     seen = []
     clip = flow.nn.utils.clip_grad_norm_
@@ -194,21 +175,6 @@ def attach_norm(system, cfg, num_classes):
             raise RuntimeError(f"the eager step clipped {len(seen)} times (expected once)")
         return loss, seen[0]
     return run
-
-
-def graph_gradient_check(system, probe, w0, weight_decay):
-    """After step 1: the compiled step's own clipped gradient (SGD's momentum buffer after one step
-    is clipped gradient + weight_decay x w0) against the eager copy's pre-clip gradient, both scaled
-    to unit global norm (the clip coefficient drops out): relative L2 difference over the backbone."""
-    bufs = {n[len("backbone."):]: parallel.to_numpy(t).astype(np.float64)
-            for (n, slot), t in system.step.state_dict().slots.items()
-            if n.startswith("backbone.") and slot == "momentum_buf"}
-    eager = probe.grads()
-    clipped = {n: bufs[n] - weight_decay * w0[n] for n in eager}
-    a = np.concatenate([clipped[n].ravel() for n in eager])
-    b = np.concatenate([eager[n].ravel() for n in eager])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return float(np.linalg.norm(a / np.linalg.norm(a) - b / np.linalg.norm(b)))
 
 
 def reference_loss(rec):
@@ -233,8 +199,7 @@ def replay(args):
         raise ValueError(f"fc_init.npy: {fc_init.shape[0]} rows, the head has {parallel.fc_num_rows(weight)}")
     with flow.no_grad():
         parallel.load_into(weight, fc_init)
-    step_with_norm = attach_norm(system, cfg, traj["num_classes"])
-    w0 = {n: parallel.to_numpy(p).astype(np.float64) for n, p in system.backbone.named_parameters()}
+    step_with_norm = attach_norm(system)
     checks = []
 
     def check(what, value, tol, note=""):
@@ -262,10 +227,6 @@ def replay(args):
             check(f"step {step} loss (absolute)", dl, tl, f"{loss!r} vs {ref!r}")
             check(f"step {step} pre-clip gradient norm (relative)", dg, tg,
                   f"{gnorm!r} vs {rec['backbone_grad_norm']!r}")
-        if step == 1 and hasattr(step_with_norm, "probe"):
-            check("step 1 compiled gradient vs the eager copy's (direction, relative)",
-                  graph_gradient_check(system, step_with_norm.probe, w0, traj["hyperparameters"]["weight_decay"]),
-                  GRAPH_VS_EAGER)
     compare_final(system, cfg, folder, traj, spread, dataset, check)
     failed = [c for c in checks if not c["ok"]]
     for c in failed:

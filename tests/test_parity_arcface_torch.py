@@ -1,9 +1,8 @@
 """scripts/parity_arcface_torch.py on ../shared/interop/arcface_torch_mbf, in graph and in eager mode.
 
 Asserted, in both modes, every check the script makes and nothing else: step 1 within 1e-5 in
-loss and 1.5e-3 (relative) in the pre-clip gradient norm, step 2 within 0.05 and 3 % (eager: the
-norm of the step's own gradients; graph: an eager copy's, with the compiled step's own step-1
-gradient checked against it direction for direction within 1e-3), and the final parameter/buffer norms,
+loss and 1.5e-3 (relative) in the pre-clip gradient norm, step 2 within 0.05 and 3 % (the norm of
+the step's own gradients: in graph mode the compiled job outputs it), and the final parameter/buffer norms,
 fc_final and the after-training embeddings (worst row cosine, mean row length) within 3x the
 spread between the fixture and torch's own float64 replay of it (scripts/parity_spreads.json, from
 bench/parity_spread.py; docs/BENCHMARKS.md, "arcface_torch parity: torch's own spread"). Later
@@ -34,7 +33,6 @@ SCRIPT = REPO / "scripts" / "parity_arcface_torch.py"
 STEP_CHECKS = {"step 1 loss (absolute)": 1e-5, "step 1 pre-clip gradient norm (relative)": 1.5e-3,
                "step 2 loss (absolute)": 0.05, "step 2 pre-clip gradient norm (relative)": 0.03}
 STEP2 = {"step 2 loss (absolute)", "step 2 pre-clip gradient norm (relative)"}
-GRAPH_CHECK = "step 1 compiled gradient vs the eager copy's (direction, relative)"
 
 
 def _script():
@@ -60,9 +58,9 @@ def parity(request, tmp_path_factory):
 
 
 def test_every_check_within_torchs_own_spread(parity):
-    mode, proc, checks = parity
+    _, proc, checks = parity
     script = _script()
-    expected = dict(STEP_CHECKS, **({GRAPH_CHECK: 1e-3} if mode == "graph" else {}))
+    expected = dict(STEP_CHECKS)
     assert set(checks) == set(expected) | set(script.FINAL_MEASURES), sorted(checks)
     for name, tol in expected.items():
         assert checks[name]["tolerance"] == tol, name
