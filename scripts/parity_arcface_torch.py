@@ -135,6 +135,7 @@ class PreClipNormGraph(TrainGraph):
     def build(self, images, labels, noise=None):
         out = self.head.objective(self.backbone(images), labels, noise)
         params = [p.lazy_origin for p in self.backbone.parameters()]  # the job's variables behind the proxies
+        params = [p for p in params if p.requires_grad]  # (IResNet's frozen BatchNorm1d scale has none)
         grads = grad_api(convert_to_tensor_tuple(out.objective), convert_to_tensor_tuple(params),
                          convert_to_tensor_tuple(None), True, False)
         norm = flow.sqrt(sum((g.to(flow.float64) ** 2).sum() for g in grads))
