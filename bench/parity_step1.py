@@ -24,6 +24,7 @@ import oneflow as flow
 
 from of_face import parallel
 from of_face.data.recordio import RecordDataset
+from of_face.heads import build_head
 from of_face.models import build_backbone
 from of_face.models.interop import family_of, of_face_name
 from of_face.train.system import build
@@ -32,6 +33,33 @@ REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("parity", REPO / "scripts" / "parity_arcface_torch.py")
 parity = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(parity)
+
+
+class GradNormProbe:
+    """The backbone's pre-clip gradient L2 norm (float64) at the system's current weights, computed on
+    a copy (same modules built the same way, values copied in before each step), so the step itself
+    is untouched. A copy because OneFlow 0.9 cannot run an eager backward through modules that an
+    nn.Graph has already run ("This is a oneflow bug")."""
+
+    def __init__(self, cfg, num_classes, system):
+        self.system = system
+        self.backbone = parallel.broadcast_module(build_backbone(cfg.Model), cfg.Global.device)
+        self.head = build_head(cfg, num_classes, system.batch_plan.micro_global)
+
+    def __call__(self, x, y):
+        with flow.no_grad():
+            for copy, orig in ((self.backbone, self.system.backbone), (self.head, self.system.head)):
+                own = copy.state_dict()
+                for name, value in orig.state_dict().items():
+                    whole = parallel.fc_rows(value) if parallel.is_fc_table(value) else parallel.to_numpy(value)
+                    parallel.load_into(own[name], whole)
+        out = self.head.objective(self.backbone(x), y)
+        out.objective.backward()
+        total = sum(float(np.sum(parallel.to_numpy(p.grad).astype(np.float64) ** 2))
+                    for p in self.backbone.parameters() if p.grad is not None)
+        for p in list(self.backbone.parameters()) + list(self.head.parameters()):
+            p.grad = None
+        return total ** 0.5
 
 
 def rel(a, b):
@@ -68,7 +96,7 @@ def main():
     rec = traj["steps"][0]
     x, y = parity.batch_of(dataset, rec["record_indices"], rec["labels"], rec["input_sha256_float32_nchw"], "step 1")
     images, labels = parallel.batch(x, device="cpu"), parallel.batch(y, device="cpu")
-    probe = parity.GradNormProbe(cfg, traj["num_classes"], system)
+    probe = GradNormProbe(cfg, traj["num_classes"], system)
     gnorm = probe(images, labels)
     # the probe's gradients are cleared after use: recompute them here to keep them
     out = probe.head.objective(probe.backbone(images), labels)
