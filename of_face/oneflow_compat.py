@@ -88,3 +88,16 @@ def full_graph_proto(graph: flow.nn.Graph) -> Any:
 # eager and one-device paths), and `combined_margin_loss` (run on zeros it marks each row's label
 # column, also on class-split logits where a rank holds only some columns: heads/margin.py).
 functional = flow._C
+
+
+def graph_grad(outputs: flow.Tensor, inputs: List[flow.Tensor]) -> Any:
+    """The gradients of `outputs` with respect to `inputs` inside an nn.Graph's `build` (the
+    job's own kernels), keeping the forward for a later `backward()`.
+
+    The public `flow.autograd.grad` refuses the lazy tensors of a graph in 0.9; its private core
+    (`grad_api`) takes them. Used by the parity replay to take the pre-clip gradient norm from the
+    compiled step itself (a parameter has no `.grad` inside `build`).
+    """
+    from oneflow.autograd.autograd import convert_to_tensor_tuple, grad_api
+    return grad_api(convert_to_tensor_tuple(outputs), convert_to_tensor_tuple(inputs),
+                    convert_to_tensor_tuple(None), True, False)

@@ -1,25 +1,45 @@
 """scripts/parity_arcface_torch.py on ../shared/interop/arcface_torch_mbf, in graph and in eager mode.
 
-What holds (asserted): step 1 within 1e-4 in loss and 1e-3 in pre-clip gradient norm; fc_final,
-the final parameter/buffer norms and the after-training embeddings within 10x the fixture's
-recorded spread; the exit status says whether every check passed.
+Asserted, in both modes, every check the script makes and nothing else: step 1 within 1e-5 in
+loss and 1.5e-3 (relative) in the pre-clip gradient norm, step 2 within 0.05 and 3 % (the norm of
+the step's own gradients: in graph mode the compiled job outputs it), and the final parameter/buffer norms,
+fc_final and the after-training embeddings (worst row cosine, mean row length) within 3x the
+spread between the fixture and torch's own float64 replay of it (scripts/parity_spreads.json, from
+bench/parity_spread.py; docs/BENCHMARKS.md, "arcface_torch parity: torch's own spread"). Later
+steps are chaotic under this recipe (torch's float64 replay is 1.2 off in loss at step 4) and
+not compared one by one. A cheap test checks that every final measure fails for an all-zero output.
 
-What does not (strict xfail, so a change that makes it pass is noticed): step 2 within 1e-4 /
-1e-3. The recipe amplifies float32 rounding about 1000-fold in one step (docs/BENCHMARKS.md,
-"arcface_torch parity"): of_face's own float32 and float64 runs of the same maths differ at
-step 2 by 0.009 in loss and 5% in gradient norm, and graph vs eager mode by 0.017, so no
-float32 implementation with kernels other than torch's own meets those bounds.
+Step 2 is a strict xfail: of_face's maths is arcface_torch's (in float64 its step-1 gradients agree
+with torch's to 3.5e-10 per tensor), but OneFlow 0.9's CPU BatchNorm kernel computes its batch
+statistics about 100x less accurately than torch's, so of_face's float32 step-1 gradient is 8e-3
+off per tensor (torch's own float32: 1.8e-3) and the recipe amplifies that to a 6-8 % gradient-norm
+difference at step 2, where torch's own spread is at most 0.93 %. A BatchNorm with accurate
+statistics (bench/accurate_bn.py) brings the step-1 error to torch's level but takes a compiled
+mbf step from 3.5 to 13.9 GiB, so of_face does not use it (docs/BENCHMARKS.md).
 """
+import hashlib
+import importlib.util
 import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, SHARED, need
 
 FIX = SHARED / "interop" / "arcface_torch_mbf"
 SCRIPT = REPO / "scripts" / "parity_arcface_torch.py"
+STEP_CHECKS = {"step 1 loss (absolute)": 1e-5, "step 1 pre-clip gradient norm (relative)": 1.5e-3,
+               "step 2 loss (absolute)": 0.05, "step 2 pre-clip gradient norm (relative)": 0.03}
+STEP2 = {"step 2 loss (absolute)", "step 2 pre-clip gradient norm (relative)"}
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("parity_arcface_torch", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run(mode, tmp_path):
@@ -34,28 +54,46 @@ def _run(mode, tmp_path):
 
 @pytest.fixture(scope="module", params=["graph", pytest.param("eager", marks=pytest.mark.slow)])
 def parity(request, tmp_path_factory):
-    return _run(request.param, tmp_path_factory.mktemp(request.param))
+    return (request.param, *_run(request.param, tmp_path_factory.mktemp(request.param)))
 
 
-def test_step1_and_after_training_within_tolerance(parity):
-    proc, checks = parity
-    for name in ("step 1 loss (absolute)", "step 1 pre-clip gradient norm (relative)", "fc_final (relative difference)",
-                 "final parameter/buffer L2 norms (as one vector)",
-                 "after-training embeddings: 1 - min row cosine", "after-training embeddings: max |diff|"):
-        assert checks[name]["ok"], (name, checks[name], proc.stdout[-3000:])
-    assert checks["step 1 loss (absolute)"]["tolerance"] == 1e-4
-    assert checks["step 1 pre-clip gradient norm (relative)"]["tolerance"] == 1e-3
-    # tolerances come from sensitivity.json: 10x the recorded fc spread
-    sens = json.loads((FIX / "sensitivity.json").read_text())
-    fc_tol = checks["fc_final (relative difference)"]["tolerance"]
-    assert fc_tol == pytest.approx(10 * sens["after"]["fc_final_rel_diff"])
-    assert proc.returncode == (0 if all(c["ok"] for c in checks.values()) else 1)
+def test_every_check_within_torchs_own_spread(parity):
+    _, proc, checks = parity
+    script = _script()
+    expected = dict(STEP_CHECKS)
+    assert set(checks) == set(expected) | set(script.FINAL_MEASURES), sorted(checks)
+    for name, tol in expected.items():
+        assert checks[name]["tolerance"] == tol, name
+    digest = hashlib.sha256((FIX / "trajectory.json").read_bytes()).hexdigest()
+    spread = json.loads((REPO / "scripts" / "parity_spreads.json").read_text())[digest]
+    for name, key in script.FINAL_MEASURES.items():
+        assert checks[name]["tolerance"] == pytest.approx(3 * spread[key]), name
+    failed = {n: c for n, c in checks.items() if not c["ok"]}
+    assert not set(failed) - STEP2, (failed, proc.stdout[-3000:])
+    assert proc.returncode == (1 if failed else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="float32 rounding amplified ~1000x in one step (see module docstring)")
-def test_step2_within_1e4_loss(parity):
-    _, checks = parity
-    assert checks["step 2 loss (absolute)"]["ok"] and checks["step 2 pre-clip gradient norm (relative)"]["ok"]
+@pytest.mark.xfail(strict=True, reason="OneFlow 0.9's CPU BatchNorm kernel: step 1's gradient 8e-3 off per tensor "
+                                       "(torch float32: 1.8e-3), step 2's norm 6-8 % (see module docstring)")
+def test_step2_within_torchs_own_spread(parity):
+    _, _, checks = parity
+    assert all(checks[name]["ok"] for name in STEP2), {name: checks[name] for name in STEP2}
+
+
+def test_final_bounds_fail_for_a_zero_output():
+    """Each after-training bound is below what an all-zero output (parameters, FC, embeddings) scores."""
+    script = _script()
+    rng = np.random.default_rng(0)
+    ref_norms, fc_ref, emb_ref = rng.random(20) + 0.1, rng.normal(size=(14, 8)), rng.normal(size=(6, 8))
+    zero = script.final_measures(np.zeros(20), ref_norms, np.zeros_like(fc_ref), fc_ref, np.zeros_like(emb_ref),
+                                 emb_ref)
+    same = script.final_measures(ref_norms, ref_norms, fc_ref, fc_ref, emb_ref, emb_ref)
+    spreads = json.loads((REPO / "scripts" / "parity_spreads.json").read_text())
+    assert spreads and all(v == pytest.approx(0.0, abs=1e-12) for v in same.values()), same
+    for spread in spreads.values():
+        for key in script.FINAL_MEASURES.values():
+            bound = script.SPREAD_FACTOR * spread[key]
+            assert not zero[key] <= bound, (key, zero[key], bound)  # NaN (a zero row's cosine) fails too
 
 
 def test_not_a_fixture_one_line(tmp_path):
