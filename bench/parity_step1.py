@@ -24,7 +24,7 @@ import oneflow as flow
 
 from of_face import parallel
 from of_face.data.recordio import RecordDataset
-from of_face.heads import build_head
+from of_face.heads import build_head, fc_table
 from of_face.models import build_backbone
 from of_face.models.interop import family_of, of_face_name
 from of_face.train.system import build
@@ -51,8 +51,10 @@ class GradNormProbe:
             for copy, orig in ((self.backbone, self.system.backbone), (self.head, self.system.head)):
                 own = copy.state_dict()
                 for name, value in orig.state_dict().items():
-                    whole = parallel.fc_rows(value) if parallel.is_fc_table(value) else parallel.to_numpy(value)
-                    parallel.load_into(own[name], whole)
+                    if fc_table.is_table(value):
+                        fc_table.load_rows(own[name], fc_table.rows(value))
+                    else:
+                        parallel.load_into(own[name], parallel.to_numpy(value))
         out = self.head.objective(self.backbone(x), y)
         out.objective.backward()
         total = sum(float(np.sum(parallel.to_numpy(p.grad).astype(np.float64) ** 2))
@@ -75,6 +77,8 @@ def main():
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--accurate-bn", action="store_true",
                     help="swap bench/accurate_bn.py's BatchNorm into the backbone (of_face uses OneFlow's kernel)")
+    ap.add_argument("--shifted-bn", action="store_true",
+                    help="swap bench/shifted_bn.py's BatchNorm (the kernel on mean-shifted input) into the backbone")
     ap.add_argument("--dump", help="also write of_face's step-1 tensors (torch names) to this .npz")
     args = ap.parse_args()
     folder = Path(args.fixture)
@@ -88,9 +92,14 @@ def main():
         for m in backbone.modules():  # same parameters and buffers: only forward differs
             if isinstance(m, (flow.nn.BatchNorm2d, flow.nn.BatchNorm1d)):
                 m.__class__ = accurate_bn.BatchNorm2d if isinstance(m, flow.nn.BatchNorm2d) else accurate_bn.BatchNorm1d
+    if args.shifted_bn:
+        import shifted_bn  # bench/shifted_bn.py
+        for m in backbone.modules():
+            if isinstance(m, (flow.nn.BatchNorm2d, flow.nn.BatchNorm1d)):
+                m.__class__ = shifted_bn.BatchNorm2d if isinstance(m, flow.nn.BatchNorm2d) else shifted_bn.BatchNorm1d
     system = build(cfg, traj["num_classes"], backbone=backbone, total_steps=len(traj["steps"]), warmup_steps=0)
     with flow.no_grad():
-        parallel.load_into(system.head.weight, np.load(folder / "fc_init.npy"))
+        fc_table.load_rows(system.head.weight, np.load(folder / "fc_init.npy"))
     family = family_of(build_backbone(cfg.Model))
     w0 = {n: parallel.to_numpy(v).astype(np.float64) for n, v in system.backbone.state_dict().items()}
     rec = traj["steps"][0]
