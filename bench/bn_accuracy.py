@@ -63,7 +63,8 @@ def main():
             x = flow.tensor(x32, requires_grad=True)
             y = bn(x)
             y.backward(flow.tensor(g32))
-            print(f"mean {mu:g} std {sd:g} {label:12s} out {rel(y.numpy(), y64):.2e}  dx {rel(x.grad.numpy(), dx64):.2e}  "
+            print(f"mean {mu:g} std {sd:g} {label:12s} out {rel(y.numpy(), y64):.2e}  "
+                  f"dx {rel(x.grad.numpy(), dx64):.2e}  "
                   f"dw {rel(bn.weight.grad.numpy(), dw64):.2e}  db {rel(bn.bias.grad.numpy(), db64):.2e}  "
                   f"running_mean {rel(bn.running_mean.numpy(), 0.1 * m64):.2e}  "
                   f"running_var {rel(bn.running_var.numpy(), 0.9 + 0.1 * v64):.2e}", flush=True)
