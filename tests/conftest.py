@@ -164,3 +164,37 @@ def synthetic_faces(tmp_path_factory):
                                val_identities=2, val_pairs=2)
         return made[key]
     return make
+
+
+def one_error_line(proc, code, words):
+    """The failure contract of every command: exit `code`, exactly one line mentioning an error, and
+    it starts with `error: ` and names each of `words`; no Python traceback, no OneFlow native
+    check failure. Returns the line."""
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}:\n{text[-4000:]}"
+    errors = [line for line in text.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), text[-4000:]
+    for w in words:
+        assert w in errors[0], f"{w!r} not in {errors[0]!r}"
+    assert "Traceback" not in text and "Check fail" not in text, text[-4000:]
+    return errors[0]
+
+
+def tiny_onnx(path, meta=None):
+    """An ONNX model [N, 3, 112, 112] -> per-channel mean [N, 3] (lets a test see the normalisation
+    applied), with `meta` as metadata properties; written to `path`, which is returned."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["embedding"])],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    for key, value in (meta or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, path)
+    return path

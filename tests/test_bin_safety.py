@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, SHARED, need, tiny
+from conftest import REPO, SHARED, need, one_error_line, tiny, tiny_onnx
 from conftest import train as conftest_train
 from of_face.data.verification_bin import BinFileError, load_bin, read_bin_entries, write_bin
 
@@ -141,17 +141,6 @@ def test_shared_bins_still_read():
 # --------------------------------------------------------------------------- through the commands
 
 
-def one_error_line(proc, code, words):
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}:\n{text[-4000:]}"
-    errors = [line for line in text.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("error: "), text[-4000:]
-    for w in words:
-        assert w in errors[0], f"{w!r} not in {errors[0]!r}"
-    assert "Traceback" not in text and "Check failure" not in text, text[-4000:]
-    return errors[0]
-
-
 @pytest.fixture
 def faces(synthetic_faces):
     return synthetic_faces(12, 4)
@@ -191,21 +180,6 @@ def test_wrong_content_bin_in_training(faces, tmp_path):
     one_error_line(proc, 2, ["Data.val_targets", str(data / "five.bin"), "the images are of type int"])
     assert "internal error" not in proc.stderr
     nothing_trained(proc, out)
-
-
-def tiny_onnx(path):
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["embedding"])],
-        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 7
-    onnx.save(model, path)
-    return path
 
 
 def verify(model, bin_path):

@@ -5,12 +5,10 @@ export's metadata, and compare's warnings for an uncalibrated threshold and for 
 import io
 
 import numpy as np
-import onnx
 import oneflow as flow
-from onnx import TensorProto, helper
 from PIL import Image
 
-from conftest import SHARED, need
+from conftest import SHARED, need, tiny_onnx
 from of_face.cli import main as cli
 from of_face.eval import onnx_embedder
 from of_face.eval.embedders import make_embedder
@@ -28,22 +26,6 @@ def run(capsys, args):
         code = e.code
     out = capsys.readouterr()
     return code, out.out, [line for line in out.err.splitlines() if line.strip()]
-
-
-def tiny_onnx(path, meta=None):
-    """[N, 3, 112, 112] -> per-channel mean [N, 3]: lets a test see the normalisation applied."""
-    graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["embedding"])],
-        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 7
-    for key, value in (meta or {}).items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(model, path)
-    return path
 
 
 def test_normalisation_read_from_export_metadata(tmp_path):

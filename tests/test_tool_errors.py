@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, free_port, o_args, tiny, train
+from conftest import REPO, free_port, o_args, one_error_line, tiny, train
 from of_face.errors import ToolError, run_command
 from of_face.train.metrics import FIELDS
 
@@ -27,18 +27,7 @@ def tool(*args, cwd=REPO, timeout=120):
                           text=True, timeout=timeout)
 
 
-def one_error_line(proc, code, words):
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == code, f"exit {proc.returncode}, expected {code}:\n{text[-3000:]}"
-    errors = [line for line in text.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("error: "), text[-3000:]
-    for w in words:
-        assert w in errors[0], f"{w!r} not in {errors[0]!r}"
-    assert "Traceback" not in text, text[-3000:]
-    return errors[0]
 
-
-# --------------------------------------------------------------------------- export / import
 
 
 def read_only_folder(tmp_path):
