@@ -23,6 +23,47 @@ batch's. Eval mode is the kernel's, unchanged. State-dict names and shapes are B
 import oneflow as flow
 import oneflow.nn as nn
 
+from of_face.oneflow_compat import functional
+
+
+def update_running_stats(bn, mean: flow.Tensor, spread: flow.Tensor) -> None:
+    """Update bn's running statistics with the kernel (the only buffer update a compiled nn.Graph
+    applies), fed two samples per channel, mean -+ spread ([1, C] each): with spread =
+    sqrt(unbiased var / 2) their mean and unbiased variance are the batch's."""
+    # (scale and shift given: with None the kernel makes them on a device, failing for global tensors)
+    scale = bn.weight.detach() if bn.affine else flow.ones_like(bn.running_var)
+    shift = bn.bias.detach() if bn.affine else flow.zeros_like(bn.running_mean)
+    functional.normalization(flow.cat([mean - spread, mean + spread], dim=0), bn.running_mean, bn.running_var,
+                             scale, shift, axis=1, epsilon=bn.eps, momentum=bn.momentum, is_training=True)
+
+
+def batchnorm_classes(train_forward, applies=lambda x: True):
+    """(BatchNorm2d, BatchNorm1d) whose training-mode forward is `train_forward(bn, x)` where
+    `applies(x)`, the kernel's otherwise (eval mode always). Parameters, buffers and state-dict
+    names are nn.BatchNorm's, so a module's class can be swapped in place."""
+    def forward_of(kernel_class):
+        # (the kernel's forward named by class: inside nn.Graph `self` is a proxy, where super() fails)
+        def forward(self, x):
+            if not self.training or not applies(x):
+                return kernel_class.forward(self, x)
+            if self.track_running_stats and self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)  # as nn.BatchNorm (a compiled graph drops it there too)
+            return train_forward(self, x)
+        return forward
+    return (type("BatchNorm2d", (nn.BatchNorm2d,), {"forward": forward_of(nn.BatchNorm2d)}),
+            type("BatchNorm1d", (nn.BatchNorm1d,), {"forward": forward_of(nn.BatchNorm1d)}))
+
+
+def swap_into(module: nn.Module, classes) -> None:
+    """Give every BatchNorm2d / BatchNorm1d of `module` the class of `classes` (a
+    batchnorm_classes pair): same parameters and buffers, only the forward differs."""
+    bn2d, bn1d = classes
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.__class__ = bn2d
+        elif isinstance(m, nn.BatchNorm1d):
+            m.__class__ = bn1d
+
 
 def _train_forward(bn, x: flow.Tensor) -> flow.Tensor:
     dims = [0] + list(range(2, x.dim()))
@@ -36,29 +77,8 @@ def _train_forward(bn, x: flow.Tensor) -> flow.Tensor:
     if bn.track_running_stats:
         n = x.numel() // x.shape[1]
         m, v = mean.detach().reshape(1, -1), var.detach().reshape(1, -1)
-        d = flow.sqrt(v * (n / max(n - 1, 1) / 2.0))
-        # (scale and shift given: with None the kernel makes them on a device, failing for global tensors)
-        scale = bn.weight.detach() if bn.affine else flow.ones_like(bn.running_var)
-        shift = bn.bias.detach() if bn.affine else flow.zeros_like(bn.running_mean)
-        flow._C.normalization(flow.cat([m - d, m + d], dim=0), bn.running_mean, bn.running_var, scale, shift,
-                              axis=1, epsilon=bn.eps, momentum=bn.momentum, is_training=True)
+        update_running_stats(bn, m, flow.sqrt(v * (n / max(n - 1, 1) / 2.0)))
     return y
 
 
-def _forward(bn, x: flow.Tensor, kernel) -> flow.Tensor:
-    if not bn.training:
-        return kernel(x)
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)  # as nn.BatchNorm (a compiled graph drops it there too)
-    return _train_forward(bn, x)
-
-
-# (the kernel's forward named by class: inside nn.Graph `self` is a proxy, where super() fails)
-class BatchNorm2d(nn.BatchNorm2d):
-    def forward(self, x):
-        return _forward(self, x, lambda t: nn.BatchNorm2d.forward(self, t))
-
-
-class BatchNorm1d(nn.BatchNorm1d):
-    def forward(self, x):
-        return _forward(self, x, lambda t: nn.BatchNorm1d.forward(self, t))
+BatchNorm2d, BatchNorm1d = batchnorm_classes(_train_forward)

@@ -87,16 +87,11 @@ def main():
     cfg = parity.config_for(traj, folder, args.mode, [])
     dataset = RecordDataset(args.data)
     backbone = build_backbone(cfg.Model)
-    if args.accurate_bn:
+    if args.accurate_bn or args.shifted_bn:
         import accurate_bn  # bench/accurate_bn.py (this folder is on sys.path when run as a script)
-        for m in backbone.modules():  # same parameters and buffers: only forward differs
-            if isinstance(m, (flow.nn.BatchNorm2d, flow.nn.BatchNorm1d)):
-                m.__class__ = accurate_bn.BatchNorm2d if isinstance(m, flow.nn.BatchNorm2d) else accurate_bn.BatchNorm1d
-    if args.shifted_bn:
         import shifted_bn  # bench/shifted_bn.py
-        for m in backbone.modules():
-            if isinstance(m, (flow.nn.BatchNorm2d, flow.nn.BatchNorm1d)):
-                m.__class__ = shifted_bn.BatchNorm2d if isinstance(m, flow.nn.BatchNorm2d) else shifted_bn.BatchNorm1d
+        chosen = accurate_bn if args.accurate_bn else shifted_bn
+        accurate_bn.swap_into(backbone, (chosen.BatchNorm2d, chosen.BatchNorm1d))
     system = build(cfg, traj["num_classes"], backbone=backbone, total_steps=len(traj["steps"]), warmup_steps=0)
     with flow.no_grad():
         fc_table.load_rows(system.head.weight, np.load(folder / "fc_init.npy"))

@@ -17,8 +17,8 @@ stays 7.6e-3 off exact tensor by tensor (median; kernel 8.1e-3, accurate_bn 1.9e
 """
 import of_face  # noqa: F401  (preloads libraries; must precede oneflow)
 import oneflow as flow
-import oneflow.nn as nn
 
+from accurate_bn import batchnorm_classes, update_running_stats  # bench/accurate_bn.py, beside this file
 from of_face.oneflow_compat import functional
 
 
@@ -47,29 +47,9 @@ def _train_forward(bn, x: flow.Tensor) -> flow.Tensor:
     y = z - fix
     if bn.track_running_stats:
         with flow.no_grad():
-            m = c.reshape(1, -1)
             v = flow.var(x.detach(), dim=dims, unbiased=True).reshape(1, -1)
-            d = flow.sqrt(v * 0.5)
-            functional.normalization(flow.cat([m - d, m + d], dim=0), bn.running_mean, bn.running_var,
-                                     scale.detach(), shift.detach(), axis=1, epsilon=bn.eps,
-                                     momentum=bn.momentum, is_training=True)
+            update_running_stats(bn, c.reshape(1, -1), flow.sqrt(v * 0.5))
     return y
 
 
-def _forward(bn, x: flow.Tensor, kernel) -> flow.Tensor:
-    if not bn.training or not _on_cpu(x):
-        return kernel(x)
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)  # as nn.BatchNorm (a compiled graph drops it there too)
-    return _train_forward(bn, x)
-
-
-# (the kernel's forward named by class: inside nn.Graph `self` is a proxy, where super() fails)
-class BatchNorm2d(nn.BatchNorm2d):
-    def forward(self, x):
-        return _forward(self, x, lambda t: nn.BatchNorm2d.forward(self, t))
-
-
-class BatchNorm1d(nn.BatchNorm1d):
-    def forward(self, x):
-        return _forward(self, x, lambda t: nn.BatchNorm1d.forward(self, t))
+BatchNorm2d, BatchNorm1d = batchnorm_classes(_train_forward, applies=_on_cpu)
