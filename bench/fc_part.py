@@ -2,6 +2,9 @@
 
     python -m oneflow.distributed.launch --nproc_per_node 2 bench/fc_part.py CLASSES RATE SPARSE [DIM] [BATCH]
 
+FC_CHUNKS (an integer K or auto; default 1) and FC_MEMORY_GIB (auto's per-rank budget; default:
+the config's) stream the head in K class chunks (heads/streamed.py), so one command measures any K.
+
 One compiled step = all-gather of the features, (PartialFC sampling), cosine matmul, margin,
 softmax cross-entropy, backward and the SGD-momentum update of the FC weight (dense, or sparse:
 only kept rows). The backbone is the identity, so nothing else is timed. 2 warm-up steps (graph
@@ -27,11 +30,14 @@ classes, rate, sparse = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "1"
 dim = int(sys.argv[4]) if len(sys.argv) > 4 else 512
 batch = int(sys.argv[5]) if len(sys.argv) > 5 else 128  # global
 steps = int(os.environ.get("FC_STEPS", 3))  # timed steps (after 2 warm-up)
+chunks = os.environ.get("FC_CHUNKS", "1")
+memory = os.environ.get("FC_MEMORY_GIB", "0")
 cfg = load_config(None, [
     "Global.mode=graph", "Global.seed=0", f"Model.embedding_size={dim}", "Loss.margin=[1.0, 0.5, 0.0]",
     "Loss.scale=64.0", f"Loss.sample_rate={rate}", "Optimizer.lr=0.1", "Optimizer.momentum=0.9",
     "Optimizer.weight_decay=5e-4", f"Optimizer.sparse_fc_update={str(sparse).lower()}",
     f"Data.batch_size={batch // parallel.world_size()}", "LRScheduler.power=0",  # constant LR
+    f"Loss.fc_chunks={chunks}", f"Loss.fc_memory_gib={memory}",
 ])
 system = build(cfg, classes, backbone=flow.nn.Identity(), total_steps=2 + steps, warmup_steps=0)
 head, step = system.head, system.step
@@ -50,5 +56,5 @@ seconds = (time.time() - start) / steps
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB, this rank
 last = round(float(parallel.to_numpy(loss)), 4)
 print(json.dumps({"rank": parallel.rank(), "classes": classes, "rate": rate, "sparse": head.sparse_update, "dim": dim,
-                  "batch": batch, "kept_per_rank": head.num_sample, "s_per_step": round(seconds, 4),
+                  "batch": batch, "kept_per_rank": head.num_sample, "fc_chunks": getattr(getattr(step, "plan", None), "chunks", 1), "s_per_step": round(seconds, 4),
                   "peak_rss_gib": round(rss, 2), "loss": last}), flush=True)

@@ -8,7 +8,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 import yaml
 
@@ -110,6 +110,10 @@ class LossCfg:
     margin: List[float] = field(default_factory=lambda: [1.0, 0.5, 0.0])  # m1, m2, m3: ArcFace
     scale: float = 64.0
     sample_rate: float = 1.0  # PartialFC: share of class centres kept per step
+    # the head streamed in K chunks of the kept classes (less memory; needs sparse FC updates):
+    # an integer K >= 1, or auto (the smallest K whose predicted peak fits fc_memory_gib)
+    fc_chunks: Union[int, str] = 1
+    fc_memory_gib: float = 0.0  # per-rank budget of fc_chunks=auto; 0 = this machine's memory / local ranks, less a margin
 
     def check(self) -> None:
         _at_least("Loss.num_classes", self.num_classes, 0)
@@ -127,6 +131,10 @@ class LossCfg:
                               f"({FLOAT32_MAX:.3g}); use a scale like 64")
         if not 0.0 < self.sample_rate <= 1.0:
             raise ConfigError(f"Loss.sample_rate: expected a value in (0, 1], got {self.sample_rate}")
+        if self.fc_chunks != "auto" and not (isinstance(self.fc_chunks, int) and self.fc_chunks >= 1):
+            raise ConfigError(f"Loss.fc_chunks: expected an integer >= 1 or auto, got {self.fc_chunks!r}")
+        if self.fc_memory_gib < 0:
+            raise ConfigError(f"Loss.fc_memory_gib: expected >= 0 (0 = this machine's), got {self.fc_memory_gib}")
 
 
 @dataclass

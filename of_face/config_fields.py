@@ -55,6 +55,14 @@ def _coerce(key, hint, value):
             return None
         (hint,) = [a for a in args if a is not type(None)]
         return _coerce(key, hint, value)
+    if origin is typing.Union:  # the first type that takes the value
+        for option in args:
+            try:
+                return _coerce(key, option, value)
+            except ConfigError:
+                pass
+        names = " or ".join(a.__name__ for a in args)
+        raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
     if origin in (list, List):
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

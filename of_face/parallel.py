@@ -78,6 +78,22 @@ def gather(t: flow.Tensor, keep_grad_split: bool = False) -> flow.Tensor:
     return t.to_global(sbp=SBP_GATHERED)
 
 
+def own_split(t: flow.Tensor, axis: int) -> flow.Tensor:
+    """A broadcast tensor -> split along `axis`: each rank keeps its own slice (no data moves)."""
+    return t.to_global(sbp=(flow.sbp.split(axis),))
+
+
+def per_rank(t: flow.Tensor) -> flow.Tensor:
+    """A broadcast tensor [...] -> [world, ...] split(0): every rank holds it as its own block,
+    so a batched op over the first axis runs on each rank's own data (heads/streamed.py)."""
+    return own_split(t.unsqueeze(0).repeat(world_size(), *([1] * t.ndim)), 0)
+
+
+def split_like(t: flow.Tensor, ref: flow.Tensor) -> flow.Tensor:
+    """A broadcast tensor -> placed with `ref`'s SBP (a split: each rank keeps its slice)."""
+    return t.to_global(sbp=ref.sbp)
+
+
 def to_numpy(t: flow.Tensor) -> np.ndarray:
     """A global tensor's full value as numpy, on every rank (collective: all ranks call it)."""
     return gather(t).to_local().numpy()

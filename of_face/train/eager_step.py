@@ -10,6 +10,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import oneflow as flow
 
+from of_face.heads import streamed
+from of_face.heads.partial_fc import HeadOutput
 from of_face.oneflow_compat import optimizer_state
 from of_face.train.optim import SparseAdamCorrection, clip_groups
 from of_face.train.steps import TRAIN_STEP_VAR, StepOptions, StepParts, StepperState, named_parameters
@@ -26,6 +28,7 @@ class EagerStep:
         self.parts, self.options = parts, options
         self.correction = SparseAdamCorrection.of(parts.optimizer, parts.scheduler)
         self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
+        self.plan = streamed.ChunkPlan.of(parts.head, options.fc_chunks) if options.fc_chunks > 1 else None
 
     def __call__(self, images: flow.Tensor, labels: flow.Tensor) -> flow.Tensor:
         backbone, head, optimizer = self.parts.backbone, self.parts.head, self.parts.optimizer
@@ -36,8 +39,11 @@ class EagerStep:
             micro[2] = self._micro_batches(head.step_noise(self.steps_done, accum))
         self.steps_done += 1
         for x, y, noise in zip(*micro):
-            out = head.objective(backbone(x), y, noise)
-            (out.objective / accum).backward()  # gradients add up to the mean over micro-batches
+            if self.plan is not None:  # (no accumulation with chunks: they need sparse updates)
+                out = self._streamed(backbone(x), y, noise)
+            else:
+                out = head.objective(backbone(x), y, noise)
+                (out.objective / accum).backward()  # gradients add up to the mean over micro-batches
             loss = loss + out.loss.detach() / accum
         if getattr(head, "sparse_update", False):  # (no accumulation with it: one kept index)
             kept = head.sampled_mask(out.kept)  # [local, 1, 1]: rows of the weight table
@@ -56,6 +62,28 @@ class EagerStep:
         optimizer.zero_grad()
         self.parts.scheduler.step()
         return loss
+
+    def _streamed(self, emb: flow.Tensor, labels: flow.Tensor, noise: flow.Tensor) -> HeadOutput:
+        """The head in chunks (heads/streamed.py), eagerly: the same passes as StreamStep's jobs;
+        the backbone's backward runs from the embeddings' gradient, and each chunk's link adds
+        its rows' gradient to the FC weight's."""
+        head, plan = self.parts.head, self.plan
+        with flow.no_grad():
+            prep = streamed.prepare(head, plan, emb.detach(), labels, noise)
+            cuts = [slice(c * plan.size, (c + 1) * plan.size) for c in range(plan.chunks)]
+            offsets = [flow.full((1,), c * plan.size, dtype=flow.int64, placement=emb.placement,
+                                 sbp=flow.sbp.broadcast) for c in range(plan.chunks)]
+            stats = [streamed.chunk_stats(head, plan, prep.xs, prep.positions[cut], prep.slot, prep.owner, off,
+                                          prep.col_bias[:, cut] if plan.col_bias else None)
+                     for cut, off in zip(cuts, offsets)]
+            loss, r, b, d_emb = streamed.finish(head, prep, flow.stack([s[1] for s in stats]),
+                                                flow.stack([s[2] for s in stats]), emb.detach())
+        if emb.requires_grad:
+            emb.backward(d_emb)
+        for c, (cut, off) in enumerate(zip(cuts, offsets)):
+            streamed.chunk_update_link(head, plan, stats[c][0], r[c], prep.xs, b, prep.positions[cut],
+                                       prep.slot, prep.owner, off).backward()
+        return HeadOutput(loss, loss, prep.kept)
 
     def loss_scale(self) -> Optional[float]:
         return None  # no AMP in eager mode

@@ -68,11 +68,13 @@ class StepOptions:
     amp:           FP16 (O1) with a dynamic loss scale starting at `init_scale` (graph mode)
     checkpointing: activation checkpointing of the backbone's blocks (graph mode)
     accum_steps:   micro-batches whose gradients one optimizer step averages
+    fc_chunks:     K > 1: the FC head streamed in K class chunks (train/streamed_step.py)
     """
     amp: bool = False
     init_scale: float = 65536.0
     checkpointing: bool = False
     accum_steps: int = 1
+    fc_chunks: int = 1
 
     @classmethod
     def from_config(cls, cfg: Config) -> "StepOptions":

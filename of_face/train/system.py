@@ -5,7 +5,7 @@ schedule and stepper through here, so a change to how the parts fit is made once
 size exists in several derived forms; `BatchPlan` computes them once from the config and the
 world size, and the checkpoint stores it (`of-face info` reads it back).
 """
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Dict, Optional, Tuple
 
 import oneflow as flow
@@ -21,6 +21,7 @@ from of_face.train.amp_sparse import AmpSparseStep
 from of_face.train.eager_step import EagerStep
 from of_face.train.optim import build_optimizer, build_scheduler
 from of_face.train.steps import GraphStep, StepOptions, StepParts, Stepper
+from of_face.train.streamed_step import StreamStep
 
 # Global.mode -> stepper class; AMP with sparse FC updates takes AmpSparseStep (`stepper_class`)
 StepperClass = Callable[[StepParts, StepOptions], Stepper]
@@ -128,13 +129,28 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
     optimizer = build_optimizer(cfg.Optimizer, backbone, head)
     scheduler = build_scheduler(optimizer, total, warmup, cfg.LRScheduler.power)
     parts = StepParts(backbone, head, optimizer, scheduler)
-    step = stepper_class(cfg, head)(parts, StepOptions.from_config(cfg))
+    options = replace(StepOptions.from_config(cfg), fc_chunks=fc_chunks(cfg, head, plan))
+    step = stepper_class(cfg, head, options)(parts, options)
     return TrainingSystem(backbone, head, optimizer, scheduler, step, plan, total, warmup)
 
 
-def stepper_class(cfg: Config, head: PartialFC) -> StepperClass:
-    """The stepper of `Global.mode`; under AMP with sparse FC updates, AmpSparseStep (the FC's
-    sparse update outside the loss-scaled graph)."""
+def fc_chunks(cfg: Config, head: PartialFC, plan: BatchPlan) -> int:
+    """The K of `Loss.fc_chunks` for this head (auto: heads/memory.py's choice)."""
+    chunks = cfg.Loss.fc_chunks
+    if chunks == "auto":
+        from of_face.heads.memory import choose_chunks
+        return choose_chunks(cfg, head, plan.micro_global).chunks
+    if chunks > 1 and not head.sparse_update:
+        raise ConfigError(f"Loss.fc_chunks: {chunks} chunks stream the sparse FC update; it needs "
+                          f"Loss.sample_rate < 1 (sampling) and Optimizer.sparse_fc_update=true")
+    return int(chunks)
+
+
+def stepper_class(cfg: Config, head: PartialFC, options: Optional[StepOptions] = None) -> StepperClass:
+    """The stepper of `Global.mode`; the FC streamed in chunks in graph mode: StreamStep; under
+    AMP with sparse FC updates, AmpSparseStep (the FC's sparse update outside the loss-scaled graph)."""
+    if cfg.Global.mode == "graph" and options is not None and options.fc_chunks > 1:
+        return StreamStep
     if cfg.Global.mode == "graph" and cfg.AMP.enable and head.sparse_update:
         return AmpSparseStep
     return STEPPERS[cfg.Global.mode]

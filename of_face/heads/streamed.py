@@ -1,0 +1,199 @@
+"""The PartialFC head streamed in class chunks (`Loss.fc_chunks` = K > 1).
+
+A compiled OneFlow job gives every CPU tensor its own buffer for the whole run, so the head's
+peak grows with every [N, C'] and [k, dim] tensor it makes (docs/BENCHMARKS.md). Streamed, each
+rank's k kept columns go through the head in K chunks of k_c = ceil(k / K) columns, and one
+compiled job per pass is called once per chunk: its buffers are sized by one chunk and serve
+them all. The loss is exact over all chunks and ranks:
+
+1. `prepare` (once per step): sampling (heads/partial_fc.py), the scaled embeddings xs [N, D],
+   and each row's label: its raw scaled cosine t read from the label's own weight row (an [N, D]
+   gather, not a column of the chunks), the margin's target logit and slope, its normalised row.
+2. `chunk_stats` (per chunk): the chunk's logits z [world, N, k_c], rank-major (split(0): each
+   rank's own block, so every per-row operation below is local), with the label columns pushed
+   to -1e4 (the label enters through its target logit alone) and padding columns too. Softmax
+   over the chunk's columns (OneFlow's CPU softmax runs about 4x faster than its exp), the
+   chunk's log-sum-exp per rank (lse = max - log max p: the largest p is 1 / sum), and
+   p @ wn [world, N, D], the chunk's share of the embeddings' gradient before its row weights.
+3. `finish` (once per step): LSE = log(sum over chunks and ranks of exp(lse) + exp(target)),
+   the loss mean(LSE - target), each chunk's row weight r = exp(lse - LSE) / N (so that the
+   gradient of the chunk's columns is r * p), the label column's gradient b = (p_t - 1) * slope
+   / N, and the embeddings' gradient sum(r * (p @ wn)) + b * label row, through the normalisation.
+4. `chunk_update_link` (per chunk): the rows' gradient p^T (r * xs), plus b * xs on each row's
+   label column, as a link whose derivative autograd takes through the rows' normalisation and
+   `index_select(weight)` into the indexed-slices update (only the chunk's rows and their optimizer
+   state change; the kept rows' SGD decay penalty as in the head).
+
+Only [N]-sized vectors and [N, D] matrices cross ranks. The chunks' p are kept between passes
+(one [N, k] float32 per rank, the size of ONE logits tensor of the single compiled step), so the
+cosine matmul runs once: three matmuls per step as at K = 1. The last chunk is padded with its own
+first position (a duplicate within one chunk, whose column gets the -1e4 bias and no decay: its
+row's gradient and update are the real column's).
+"""
+import math
+from typing import Any, NamedTuple, Optional
+
+import oneflow as flow
+import oneflow.nn.functional as F
+
+from of_face import parallel
+from of_face.heads.margin import constant_like
+from of_face.oneflow_compat import functional
+from of_face.heads.partial_fc import PAD_LOGIT, PartialFC
+
+NORM_EPS = 1e-12  # F.normalize's
+
+
+class ChunkPlan(NamedTuple):
+    """How a step's kept columns are cut: `chunks` calls of `size` columns per rank."""
+    kept: int  # k, kept columns per rank
+    chunks: int  # chunks run (ceil(k / size) <= the K asked for)
+    size: int  # k_c, columns per rank per chunk
+    col_bias: bool  # padded classes or padding columns exist: the chunks get a column bias
+
+    @property
+    def padded(self) -> int:
+        return self.chunks * self.size
+
+    @classmethod
+    def of(cls, head: PartialFC, chunks: int) -> "ChunkPlan":
+        k = head.num_sample
+        size = math.ceil(k / max(1, chunks))
+        run = math.ceil(k / size)
+        return cls(k, run, size, head.pad_bias is not None or run * size != k)
+
+
+class Prepared(NamedTuple):
+    """What every chunk of a step shares (all broadcast unless said)."""
+    xs: Any  # [N, D] s * normalised embeddings (all ranks' rows)
+    kept: Any  # [k] kept local positions
+    positions: Any  # [chunks * size] kept positions, the last chunk padded
+    col_bias: Optional[Any]  # [world, chunks * size] split(0): -1e4 at padded classes / padding columns
+    slot: Any  # [N] int64 each row's label as a kept slot (< k)
+    owner: Any  # [N] int64 the rank owning each row's label
+    target: Any  # [N] s * the margin's target logit
+    slope: Any  # [N] d target / d t (1 without a margin)
+    label_rows: Any  # [N, D] each row's normalised label row
+
+
+def prepare(head: PartialFC, plan: ChunkPlan, embeddings, labels, noise) -> Prepared:
+    """Sampling and everything per row (see the module docstring, 1)."""
+    x = parallel.gather(embeddings)
+    y = parallel.gather(labels)
+    kept, columns = head.sample(y, noise)
+    k, local, s = plan.kept, head.local_classes, head.margin.scale
+    owner = flow.floor_divide(columns, k)
+    slot = columns - owner * k
+    xs = F.normalize(x, dim=1) * s
+    # each rank reads row (label - owner * local) of its own shard; only the owner's counts
+    own = parallel.own_split(F.one_hot(owner, head.world).to(flow.float32), 1)  # [N, world] split(1)
+    rows = flow.index_select(head.weight, 0, y - owner * local)  # [N, world, D] split(1)
+    wn = F.normalize(rows, dim=2)
+    t = parallel.gather(((wn * xs.unsqueeze(1)).sum(dim=2) * own).sum(dim=1))
+    label_rows = parallel.gather((wn * own.unsqueeze(2)).sum(dim=1))
+    if head.margin.identity:
+        target, slope = t, constant_like(t, 1.0)
+    else:
+        target, slope = head.margin.target_and_slope(t / s)
+        target = target * s
+    positions = kept
+    if plan.padded > k:
+        positions = flow.cat([kept, kept[(plan.chunks - 1) * plan.size:][:1].repeat(plan.padded - k)])
+    bias = None
+    if plan.col_bias:
+        index = flow.arange(plan.padded, dtype=flow.int64, placement=kept.placement, sbp=parallel.SBP_GATHERED)
+        bias = (index >= k).to(flow.float32) * PAD_LOGIT  # [padded] broadcast
+        bias = parallel.own_split(bias.unsqueeze(0).repeat(head.world, 1), 0)  # [world, padded] split(0)
+        if head.pad_bias is not None:
+            pad = flow.index_select(head.pad_bias, 0, positions)  # [padded, world, 1] split(1)
+            bias = bias + flow.transpose(pad, 0, 1).reshape(head.world, plan.padded)
+    return Prepared(xs, kept, positions, bias, slot, owner, target, slope, label_rows)
+
+
+def _label_marks(plan: ChunkPlan, world: int, slot, owner, offset):
+    """([world, N] float 1.0 where rank r holds row i's label column in this chunk, its
+    position in the chunk (0 elsewhere)), split(0): each rank its own row of marks."""
+    at = slot - offset
+    inside = flow.logical_and(at >= 0, at < plan.size)
+    own = F.one_hot(owner, world).to(flow.float32).transpose(0, 1)  # [world, N]
+    marks = parallel.own_split(own * inside.to(flow.float32).unsqueeze(0), 0)
+    where = parallel.own_split((at.clamp(0, plan.size - 1) * inside.to(flow.int64)).unsqueeze(0).repeat(world, 1), 0)
+    return marks, where
+
+
+def _rows(v, like):
+    """v [..., M] repeated along the last axis of like [..., M, D], as the outer product with a
+    ones row (an exact K = 1 matmul): OneFlow 0.9's CPU kernels broadcast a trailing 1 element by
+    element, and broadcast_like is 15x slower than this product (docs/BENCHMARKS.md)."""
+    shape = tuple(like.shape[:-2]) + (1, like.shape[-1])
+    ones = functional.global_constant(shape, 1.0, dtype=like.dtype, placement=like.placement, sbp=like.sbp)
+    return flow.matmul(v.unsqueeze(-1).to(like.dtype), ones)
+
+
+def _chunk_rows(head: PartialFC, positions):
+    """The chunk's rows [world, k_c, D] split(0) (an index_select that reads the variable) and
+    their normalisation."""
+    rows = flow.transpose(flow.index_select(head.weight, 0, positions), 0, 1)
+    return rows, F.normalize(rows, dim=2)
+
+
+def chunk_stats(head: PartialFC, plan: ChunkPlan, xs, positions, slot, owner, offset, col_bias=None):
+    """One chunk (module docstring, 2) -> (p [world, N, k_c], lse [world, N], p @ wn [world, N, D]),
+    all split(0). `positions` [k_c] and `col_bias` [world, k_c] are the chunk's; `offset` [1] its
+    first slot."""
+    _, wn = _chunk_rows(head, positions)
+    z = flow.matmul(parallel.per_rank(xs), wn, transpose_b=True)  # [world, N, k_c]
+    if col_bias is not None:
+        z = z + col_bias.unsqueeze(1)
+    marks, where = _label_marks(plan, head.world, slot, owner, offset)
+    z = flow.scatter_add(z, 2, where.unsqueeze(2), (marks * PAD_LOGIT).unsqueeze(2))
+    top = flow.amax(z, dim=2)
+    p = flow.softmax(z, dim=2)
+    lse = top - flow.log(flow.amax(p, dim=2))
+    return p, lse, flow.matmul(p, wn)
+
+
+def finish(head: PartialFC, prepared: Prepared, lse, p_wn, embeddings):
+    """All chunks (module docstring, 3): lse [K, world, N] and p_wn [K, world, N, D] split(1)
+    -> (loss, r [K, world, N] split(1), b [N], d loss / d embeddings, split like them)."""
+    n = prepared.xs.shape[0]
+    target = prepared.target
+    every = parallel.gather(lse)
+    top = flow.maximum(every.amax(dim=(0, 1)), target)
+    total = flow.exp(every - top).sum(dim=(0, 1)) + flow.exp(target - top)
+    lse_all = top + flow.log(total)
+    loss = (lse_all - target).mean()
+    r = flow.exp(every - lse_all) / n  # [K, world, N] broadcast
+    b = (flow.exp(target - lse_all) - 1.0) * prepared.slope / n
+    r_own = parallel.own_split(r, 1)
+    d_xs = parallel.gather((p_wn * _rows(r_own, p_wn)).sum(dim=(0, 1))) + prepared.label_rows * b.unsqueeze(1)
+    x = parallel.gather(embeddings)
+    norm = flow.sqrt((x * x).sum(dim=1)).clamp(min=1e-12)  # F.normalize's eps
+    xn = x / norm.unsqueeze(1)
+    d_x = (d_xs - xn * (xn * d_xs).sum(dim=1, keepdim=True)) * (head.margin.scale / norm).unsqueeze(1)
+    return loss, r_own, b, parallel.split_like(d_x, embeddings)
+
+
+def chunk_update_link(head: PartialFC, plan: ChunkPlan, p, r, xs, b, positions, slot, owner, offset):
+    """One chunk (module docstring, 4): a scalar whose gradient w.r.t. the FC weight is the
+    chunk's rows' gradient (and the kept rows' decay). p [world, N, k_c], r [world, N] split(0).
+
+    The gradient through the rows' normalisation is written out, not left to autograd (OneFlow's
+    l2_normalize_grad is slow on CPU): for wn = w / |w| and d loss / d wn = g,
+    d loss / d w = g / |w| - w <w, g> / |w|^3 (g / eps alone below F.normalize's eps)."""
+    rows = flow.transpose(flow.index_select(head.weight, 0, positions), 0, 1)  # reads the variable
+    w = rows.detach()
+    xr = parallel.per_rank(xs)
+    g = flow.matmul(p, xr * _rows(r, xr), transpose_a=True)  # [world, k_c, D] d loss / d wn
+    marks, where = _label_marks(plan, head.world, slot, owner, offset)
+    src = xr * _rows(marks * b.unsqueeze(0), xr)
+    g = flow.scatter_add(g, 1, where.unsqueeze(2).repeat(1, 1, xs.shape[1]), src)
+    norm = flow.sqrt((w * w).sum(dim=2))
+    inv = 1.0 / norm.clamp(min=NORM_EPS)
+    along = (w * g).sum(dim=2) * inv * inv * inv * (norm >= NORM_EPS).to(flow.float32)
+    if head.row_decay:  # d/d rows = row_decay * rows on real columns (not the last chunk's padding)
+        real = (offset + flow.arange(plan.size, dtype=flow.int64, placement=offset.placement,
+                                     sbp=parallel.SBP_GATHERED)) < plan.kept
+        along = along - head.row_decay * parallel.own_split(real.to(flow.float32).unsqueeze(0).repeat(head.world, 1), 0)
+    grad = g * _rows(inv, g) - w * _rows(along, w)
+    return (rows * grad).sum()

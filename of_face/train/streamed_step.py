@@ -1,0 +1,216 @@
+"""The compiled step with the FC head streamed in K class chunks (`Loss.fc_chunks` > 1).
+
+heads/streamed.py has the maths; here are the compiled jobs and their order. Each job is
+compiled once and called every step (the chunk jobs K times), so its CPU buffers are sized by
+one chunk and reused by every call:
+
+    ForwardGraph   images -> embeddings                     (backbone, forward only)
+    PrepareGraph   sampling, scaled embeddings, labels' target logits
+    StatsGraph     x K: one chunk's softmax, log-sum-exp and p @ wn
+    FinishGraph    loss, chunk row weights, d loss / d embeddings
+    BackboneGraph  images, d embeddings -> the backbone's update (forward recomputed)
+    UpdateGraph    x K: one chunk's rows' gradient and their indexed-slices update
+
+What the split costs: the backbone's forward runs twice (its activations cannot live from one
+job to the next); BatchNorm's running statistics are updated by the first forward only (the
+recomputed one is traced with momentum 0). The FC's optimizer lives in UpdateGraph, whose step
+counter is set to the optimizer step before each chunk call, so the LR schedule (and sparse
+AdamW's bias correction, train/optim.py) count optimizer steps, not chunk calls. Under AMP the
+two backbone jobs run FP16 with the dynamic loss scale in BackboneGraph, the head runs FP32, and
+the FC is updated only when the backbone's step was kept (as train/amp_sparse.py).
+"""
+from dataclasses import replace
+from typing import List, Optional, Tuple
+
+import numpy as np
+import oneflow as flow
+import oneflow.nn as nn
+
+from of_face import parallel
+from of_face.heads import streamed
+from of_face.heads.streamed import ChunkPlan, Prepared
+from of_face.oneflow_compat import enable_sparse_updates
+from of_face.train.amp_sparse import FCUpdateGraph, split_optimizer
+from of_face.train.optim import SparseAdamCorrection
+from of_face.train.steps import FCJob, GraphStep, StepOptions, StepParts, StepperState, TrainGraph
+
+
+class _HeadGraph(nn.Graph):
+    """A head job: the head's variables, no optimizer; `builds` counts compilations."""
+
+    def __init__(self, head: nn.Module, plan: ChunkPlan):
+        super().__init__()
+        self.head, self.plan, self.builds = head, plan, 0
+
+
+class PrepareGraph(_HeadGraph):
+    def build(self, embeddings, labels, noise):
+        self.builds += 1
+        return tuple(v for v in streamed.prepare(self.head, self.plan, embeddings, labels, noise) if v is not None)
+
+
+class StatsGraph(_HeadGraph):
+    def build(self, xs, positions, slot, owner, offset, col_bias=None):
+        self.builds += 1
+        return streamed.chunk_stats(self.head, self.plan, xs, positions, slot, owner, offset, col_bias)
+
+
+class FinishGraph(_HeadGraph):
+    def build(self, lse, p_wn, xs, target, slope, label_rows, embeddings):
+        self.builds += 1
+        prepared = Prepared(xs, None, None, None, None, None, target, slope, label_rows)
+        return streamed.finish(self.head, prepared, lse, p_wn, embeddings)
+
+
+class UpdateGraph(FCUpdateGraph):
+    """One chunk's rows' gradient and their indexed-slices update (the FC's optimizer)."""
+
+    def __init__(self, head: nn.Module, optimizer, scheduler, plan: ChunkPlan):
+        super().__init__(head, optimizer, scheduler)
+        self.plan, self.builds = plan, 0
+
+    def build(self, p, r, xs, b, positions, slot, owner, offset):
+        self.builds += 1
+        link = streamed.chunk_update_link(self.head, self.plan, p, r, xs, b, positions, slot, owner, offset)
+        link.backward()
+        return link
+
+
+class ForwardGraph(nn.Graph):
+    """The backbone's forward: the embeddings the head streams over (float32)."""
+
+    def __init__(self, backbone: nn.Module, amp: bool):
+        super().__init__()
+        self.backbone, self.builds = backbone, 0
+        if amp:
+            self.config.enable_amp(True)
+
+    def build(self, images):
+        self.builds += 1
+        return self.backbone(images).to(flow.float32)
+
+
+def _batchnorms(module: nn.Module) -> List[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class BackboneGraph(TrainGraph):
+    """The backbone's update from the embeddings' gradient: the forward recomputed (BatchNorm's
+    running statistics left alone: ForwardGraph updated them), then backward of <emb, d emb>."""
+
+    def __init__(self, parts: StepParts, options: StepOptions):
+        super().__init__(parts, options)
+        self._origin, self.builds = parts.backbone, 0
+
+    def build(self, images, d_embeddings):
+        self.builds += 1
+        norms = _batchnorms(self._origin)
+        saved = [m.momentum for m in norms]
+        for m in norms:  # traced once: this job's BatchNorms use batch statistics and update nothing
+            m.momentum = 0.0
+        try:
+            emb = self.backbone(images).to(flow.float32)
+        finally:
+            for m, value in zip(norms, saved):
+                m.momentum = value
+        link = (emb * d_embeddings).sum()
+        link.backward()
+        return link
+
+
+class StreamStep(GraphStep):
+    """GraphStep for K > 1 chunks (see the module docstring)."""
+
+    def __init__(self, parts: StepParts, options: StepOptions):
+        if options.accum_steps > 1:
+            raise ValueError("Loss.fc_chunks > 1 does not combine with Optimizer.accum_steps > 1")
+        self.plan = ChunkPlan.of(parts.head, options.fc_chunks)
+        self.fc_updates = 0  # FC steps taken (AMP-skipped steps excluded): sparse AdamW's t
+        self._scale = float(options.init_scale)
+        super().__init__(parts, options)
+
+    def _jobs(self) -> Tuple[Optional[TrainGraph], FCJob, Optional[SparseAdamCorrection]]:
+        parts, plan = self.parts, self.plan
+        (opt1, sch1), (opt2, sch2) = split_optimizer(parts.optimizer, parts.scheduler, parts.head)
+        correction = SparseAdamCorrection.of(opt2, parts.scheduler)
+        self.prepare_graph = PrepareGraph(parts.head, plan)
+        self.stats_graph = StatsGraph(parts.head, plan)
+        self.finish_graph = FinishGraph(parts.head, plan)
+        self.update_graph = UpdateGraph(parts.head, opt2, sch2, plan)
+        self.forward_graph, graph = None, None
+        if opt1 is not None:  # (an identity backbone, as the FC benches use, has nothing to run)
+            self.forward_graph = ForwardGraph(parts.backbone, self.options.amp)
+            graph = BackboneGraph(replace(parts, optimizer=opt1, scheduler=sch1), self.options)
+        size = plan.size
+        self._offsets = [parallel.broadcast_array(np.array([c * size], np.int64), self.placement)
+                         for c in range(plan.chunks)]
+        return graph, FCJob(self.update_graph, self.placement), correction
+
+    @property
+    def graphs(self) -> List[nn.Graph]:
+        return [g for g in (self.forward_graph, self.prepare_graph, self.stats_graph, self.finish_graph,
+                            self.graph, self.update_graph) if g is not None]
+
+    def __call__(self, images: flow.Tensor, labels: flow.Tensor) -> flow.Tensor:
+        head, plan = self.parts.head, self.plan
+        step = self.steps_done
+        emb = self.forward_graph(images) if self.forward_graph is not None else images
+        out = list(self.prepare_graph(emb, labels, head.step_noise(step)))
+        if not plan.col_bias:
+            out.insert(3, None)
+        prep = Prepared(*out)
+        chunks = [slice(c * plan.size, (c + 1) * plan.size) for c in range(plan.chunks)]
+        stats = []
+        for c, cut in enumerate(chunks):
+            extra = [prep.col_bias[:, cut]] if plan.col_bias else []
+            stats.append(self.stats_graph(prep.xs, prep.positions[cut], prep.slot, prep.owner, self._offsets[c], *extra))
+        lse = flow.stack([s[1] for s in stats])
+        p_wn = flow.stack([s[2] for s in stats])
+        loss, r, b, d_emb = self.finish_graph(lse, p_wn, prep.xs, prep.target, prep.slope, prep.label_rows, emb)
+        self.steps_done += 1
+        if self.graph is not None:
+            self.graph(images, d_emb)
+        if not self._backbone_kept(loss):
+            return loss  # AMP skipped the backbone's step on every rank: so does the FC
+        for c, cut in enumerate(chunks):
+            self.fc_job.set_step(step)
+            self.update_graph(stats[c][0], r[c], prep.xs, b, prep.positions[cut], prep.slot, prep.owner,
+                              self._offsets[c])
+        self.fc_updates += 1
+        if self.correction is not None:
+            self.correction.after_compiled_step(head.weight, self.fc_job.moments(), prep.kept, step, self.fc_updates)
+        return loss
+
+    def _backbone_kept(self, loss: flow.Tensor) -> bool:
+        """Without AMP always; under AMP, whether the loss is finite and the scale did not drop."""
+        if not self.options.amp or self.graph is None:
+            return True
+        scale = self.loss_scale()
+        dropped = scale is not None and scale < self._scale
+        self._scale = scale if scale is not None else self._scale
+        finite = bool(np.isfinite(parallel.to_numpy(loss)).all())
+        return parallel.all_ok(finite and not dropped)
+
+    def loss_scale(self) -> Optional[float]:
+        return super().loss_scale() if self.graph is not None else None
+
+    def state_dict(self) -> StepperState:
+        state = super().state_dict() if self.graph is not None else StepperState(step=self.steps_done)
+        state.slots.update(self.fc_job.slots())
+        state.variables["fc_updates"] = np.array([self.fc_updates], np.int64)
+        return state
+
+    def load_state_dict(self, state: StepperState) -> None:
+        fc_slots = {k: v for k, v in state.slots.items() if k[0] == "head.weight"}
+        rest = StepperState({k: v for k, v in state.slots.items() if k[0] != "head.weight"},
+                            {k: v for k, v in state.variables.items() if k != "fc_updates"},
+                            state.step, state.scheduler)
+        if self.graph is not None:
+            super().load_state_dict(rest)
+        self.steps_done = int(state.step)
+        if "fc_updates" in state.variables:
+            self.fc_updates = int(np.asarray(state.variables["fc_updates"]).reshape(-1)[0])
+        else:
+            self.fc_updates = self.steps_done
+        if fc_slots:
+            self.fc_job.load_slots(fc_slots)
