@@ -13,7 +13,8 @@ one chunk and reused by every call:
 
 What the split costs: the backbone's forward runs twice (its activations cannot live from one
 job to the next); BatchNorm's running statistics are updated by the first forward only (the
-recomputed one is traced with momentum 0). The FC's optimizer lives in UpdateGraph, whose step
+recomputed one is traced with momentum 0; its `num_batches_tracked` counts both, which nothing
+reads at a fixed momentum). The FC's optimizer lives in UpdateGraph, whose step
 counter is set to the optimizer step before each chunk call, so the LR schedule (and sparse
 AdamW's bias correction, train/optim.py) count optimizer steps, not chunk calls. Under AMP the
 two backbone jobs run FP16 with the dynamic loss scale in BackboneGraph, the head runs FP32, and
@@ -100,11 +101,13 @@ class BackboneGraph(TrainGraph):
 
     def __init__(self, parts: StepParts, options: StepOptions):
         super().__init__(parts, options)
-        self._origin, self.builds = parts.backbone, 0
+        # the modules themselves, not nn.Graph's proxies of them (a Module attribute of a graph
+        # is proxied, and its momentum would be set on the proxy, which the trace does not read)
+        self._norms, self.builds = tuple(_batchnorms(parts.backbone)), 0
 
     def build(self, images, d_embeddings):
         self.builds += 1
-        norms = _batchnorms(self._origin)
+        norms = self._norms
         saved = [m.momentum for m in norms]
         for m in norms:  # traced once: this job's BatchNorms use batch statistics and update nothing
             m.momentum = 0.0
