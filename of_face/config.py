@@ -113,7 +113,8 @@ class LossCfg:
     # the head streamed in K chunks of the kept classes (less memory; needs sparse FC updates):
     # an integer K >= 1, or auto (the smallest K whose predicted peak fits fc_memory_gib)
     fc_chunks: Union[int, str] = 1
-    fc_memory_gib: float = 0.0  # per-rank budget of fc_chunks=auto; 0 = this machine's memory / local ranks, less a margin
+    # the per-rank budget of fc_chunks=auto; 0 = this machine's memory over its local ranks, less a margin
+    fc_memory_gib: float = 0.0
 
     def check(self) -> None:
         _at_least("Loss.num_classes", self.num_classes, 0)

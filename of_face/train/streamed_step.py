@@ -30,7 +30,6 @@ import oneflow.nn as nn
 from of_face import parallel
 from of_face.heads import streamed
 from of_face.heads.streamed import ChunkPlan, Prepared
-from of_face.oneflow_compat import enable_sparse_updates
 from of_face.train.amp_sparse import FCUpdateGraph, split_optimizer
 from of_face.train.optim import SparseAdamCorrection
 from of_face.train.steps import FCJob, GraphStep, StepOptions, StepParts, StepperState, TrainGraph
@@ -166,7 +165,8 @@ class StreamStep(GraphStep):
         stats = []
         for c, cut in enumerate(chunks):
             extra = [prep.col_bias[:, cut]] if plan.col_bias else []
-            stats.append(self.stats_graph(prep.xs, prep.positions[cut], prep.slot, prep.owner, self._offsets[c], *extra))
+            stats.append(self.stats_graph(prep.xs, prep.positions[cut], prep.slot, prep.owner, self._offsets[c],
+                                          *extra))
         lse = flow.stack([s[1] for s in stats])
         p_wn = flow.stack([s[2] for s in stats])
         loss, r, b, d_emb = self.finish_graph(lse, p_wn, prep.xs, prep.target, prep.slope, prep.label_rows, emb)
