@@ -8,7 +8,8 @@ last chunk) and the tests read its record:
 1. K = 1, 3, 4, graph and eager, SGD momentum and AdamW, sparse updates: loss, FC weights and the
    FC's optimizer slots after each of 3 steps equal a float64 numpy reference (the one of
    tests/test_sparse_update.py: `fc_grad`, `plsc_adamw` and its constants, imported);
-2. every compiled job of StreamStep is built once (3 steps, 4 jobs; 6 with a backbone);
+2. every compiled job of StreamStep is built once (3 steps, 4 jobs; 6 with a backbone, whose
+   K = 3 run, BatchNorm's running statistics included, follows K = 1);
 3. with an LR that changes every step, K = 4 equals K = 1, and the LR applied at each step is
    `lr_at` of the optimizer step (not of the count of chunk calls);
 4. a checkpoint at step 2 of a K = 4 run resumed at K = 2 equals the uninterrupted K = 4 run;
@@ -182,6 +183,15 @@ def test_backbone_jobs_equal_the_single_step(record):
     one, three = (record["runs"][name] for name in BACKBONE_RUNS)
     assert_close(three["loss"], one["loss"], "losses")
     assert_close(three["weights"][-1], one["weights"][-1], "FC weights", ulps=WEIGHT_ULPS)
+
+
+def test_backbone_batchnorm_statistics_follow_the_single_step(record):
+    """BatchNorm's running statistics are updated once a step, by ForwardGraph (the backward job's
+    recomputed forward is traced at momentum 0, train/streamed_step.py): as at K = 1."""
+    one, three = (record["runs"][name]["backbone"] for name in BACKBONE_RUNS)
+    assert set(one) == set(three)
+    for name in one:
+        assert_close(three[name], one[name], f"backbone {name}")
 
 
 # ----------------------------------------------------------------------------- 3

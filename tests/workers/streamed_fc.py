@@ -77,6 +77,7 @@ def steps(system, batches, first, record):
             folder = Path(OUT).parent / f"ckpt-of-run-{list(sys.argv[2:]).index(record['name'])}"
             folder.mkdir(exist_ok=True)
             record["checkpoint"] = save_checkpoint(str(folder), t + 1, system, {"checkpoint_format": "npz"})
+    record["backbone"] = {k: parallel.to_numpy(v).tolist() for k, v in system.backbone.state_dict().items()}
     record["stepper"] = type(system.step).__name__
     record["graphs"] = graphs(system.step)
     return record
