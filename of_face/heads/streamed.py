@@ -130,6 +130,14 @@ def _rows(v, like):
     return flow.matmul(v.unsqueeze(-1).to(like.dtype), ones)
 
 
+def _row_sums(a):
+    """a [..., M, D] -> [..., M], summed over the last axis as a product with a ones column
+    (faster than OneFlow 0.9's CPU reduce over the last axis)."""
+    shape = tuple(a.shape[:-2]) + (a.shape[-1], 1)
+    ones = functional.global_constant(shape, 1.0, dtype=a.dtype, placement=a.placement, sbp=a.sbp)
+    return flow.matmul(a, ones).squeeze(-1)
+
+
 def _chunk_rows(head: PartialFC, positions):
     """The chunk's rows [world, k_c, D] split(0) (an index_select that reads the variable) and
     their normalisation."""
@@ -188,12 +196,14 @@ def chunk_update_link(head: PartialFC, plan: ChunkPlan, p, r, xs, b, positions, 
     marks, where = _label_marks(plan, head.world, slot, owner, offset)
     src = xr * _rows(marks * b.unsqueeze(0), xr)
     g = flow.scatter_add(g, 1, where.unsqueeze(2).repeat(1, 1, xs.shape[1]), src)
-    norm = flow.sqrt((w * w).sum(dim=2))
+    norm = flow.sqrt(_row_sums(w * w))
     inv = 1.0 / norm.clamp(min=NORM_EPS)
-    along = (w * g).sum(dim=2) * inv * inv * inv * (norm >= NORM_EPS).to(flow.float32)
+    along = _row_sums(w * g) * inv * inv * inv * (norm >= NORM_EPS).to(flow.float32)
     if head.row_decay:  # d/d rows = row_decay * rows on real columns (not the last chunk's padding)
         real = (offset + flow.arange(plan.size, dtype=flow.int64, placement=offset.placement,
                                      sbp=parallel.SBP_GATHERED)) < plan.kept
         along = along - head.row_decay * parallel.own_split(real.to(flow.float32).unsqueeze(0).repeat(head.world, 1), 0)
     grad = g * _rows(inv, g) - w * _rows(along, w)
-    return (rows * grad).sum()
+    # <rows, grad> as one dot product: its backward hands the rows `grad` through a K = 1 matmul
+    # (a .sum() would broadcast its scalar gradient over [k_c, D], 4x slower, then multiply)
+    return flow.matmul(rows.reshape(1, -1), grad.reshape(-1, 1)).sum()
