@@ -50,17 +50,20 @@ class ChunkPlan(NamedTuple):
     chunks: int  # chunks run (ceil(k / size) <= the K asked for)
     size: int  # k_c, columns per rank per chunk
     col_bias: bool  # padded classes or padding columns exist: the chunks get a column bias
+    embedding_grad: bool = True  # d loss / d embeddings is needed (a backbone trains from it)
 
     @property
     def padded(self) -> int:
         return self.chunks * self.size
 
     @classmethod
-    def of(cls, head: PartialFC, chunks: int) -> "ChunkPlan":
+    def of(cls, head: PartialFC, chunks: int, embedding_grad: bool = True) -> "ChunkPlan":
+        """`embedding_grad` False (nothing upstream trains, e.g. the FC benches' identity
+        backbone): the chunks skip p @ wn, as autograd skips it in the single compiled step."""
         k = head.num_sample
         size = math.ceil(k / max(1, chunks))
         run = math.ceil(k / size)
-        return cls(k, run, size, head.pad_bias is not None or run * size != k)
+        return cls(k, run, size, head.pad_bias is not None or run * size != k, embedding_grad)
 
 
 class Prepared(NamedTuple):
@@ -146,8 +149,8 @@ def _chunk_rows(head: PartialFC, positions):
 
 
 def chunk_stats(head: PartialFC, plan: ChunkPlan, xs, positions, slot, owner, offset, col_bias=None):
-    """One chunk (module docstring, 2) -> (p [world, N, k_c], lse [world, N], p @ wn [world, N, D]),
-    all split(0). `positions` [k_c] and `col_bias` [world, k_c] are the chunk's; `offset` [1] its
+    """One chunk (module docstring, 2) -> (p [world, N, k_c], lse [world, N], p @ wn [world, N, D]
+    if the plan needs the embeddings' gradient), all split(0). `positions` [k_c] and `col_bias` [world, k_c] are the chunk's; `offset` [1] its
     first slot."""
     _, wn = _chunk_rows(head, positions)
     z = flow.matmul(parallel.per_rank(xs), wn, transpose_b=True)  # [world, N, k_c]
@@ -158,12 +161,13 @@ def chunk_stats(head: PartialFC, plan: ChunkPlan, xs, positions, slot, owner, of
     top = flow.amax(z, dim=2)
     p = flow.softmax(z, dim=2)
     lse = top - flow.log(flow.amax(p, dim=2))
-    return p, lse, flow.matmul(p, wn)
+    return (p, lse, flow.matmul(p, wn)) if plan.embedding_grad else (p, lse)
 
 
 def finish(head: PartialFC, prepared: Prepared, lse, p_wn, embeddings):
     """All chunks (module docstring, 3): lse [K, world, N] and p_wn [K, world, N, D] split(1)
-    -> (loss, r [K, world, N] split(1), b [N], d loss / d embeddings, split like them)."""
+    -> (loss, r [K, world, N] split(1), b [N], d loss / d embeddings split like them; without
+    p_wn (no embedding gradient needed) the first three)."""
     n = prepared.xs.shape[0]
     target = prepared.target
     every = parallel.gather(lse)
@@ -174,6 +178,8 @@ def finish(head: PartialFC, prepared: Prepared, lse, p_wn, embeddings):
     r = flow.exp(every - lse_all) / n  # [K, world, N] broadcast
     b = (flow.exp(target - lse_all) - 1.0) * prepared.slope / n
     r_own = parallel.own_split(r, 1)
+    if p_wn is None:
+        return loss, r_own, b
     d_xs = parallel.gather((p_wn * _rows(r_own, p_wn)).sum(dim=(0, 1))) + prepared.label_rows * b.unsqueeze(1)
     x = parallel.gather(embeddings)
     norm = flow.sqrt((x * x).sum(dim=1)).clamp(min=1e-12)  # F.normalize's eps

@@ -28,7 +28,10 @@ class EagerStep:
         self.parts, self.options = parts, options
         self.correction = SparseAdamCorrection.of(parts.optimizer, parts.scheduler)
         self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
-        self.plan = streamed.ChunkPlan.of(parts.head, options.fc_chunks) if options.fc_chunks > 1 else None
+        self.plan = None
+        if options.fc_chunks > 1:
+            trains_backbone = any(p.requires_grad for p in parts.backbone.parameters())
+            self.plan = streamed.ChunkPlan.of(parts.head, options.fc_chunks, embedding_grad=trains_backbone)
 
     def __call__(self, images: flow.Tensor, labels: flow.Tensor) -> flow.Tensor:
         backbone, head, optimizer = self.parts.backbone, self.parts.head, self.parts.optimizer
@@ -76,10 +79,10 @@ class EagerStep:
             stats = [streamed.chunk_stats(head, plan, prep.xs, prep.positions[cut], prep.slot, prep.owner, off,
                                           prep.col_bias[:, cut] if plan.col_bias else None)
                      for cut, off in zip(cuts, offsets)]
-            loss, r, b, d_emb = streamed.finish(head, prep, flow.stack([s[1] for s in stats]),
-                                                flow.stack([s[2] for s in stats]), emb.detach())
-        if emb.requires_grad:
-            emb.backward(d_emb)
+            p_wn = flow.stack([s[2] for s in stats]) if plan.embedding_grad else None
+            loss, r, b, *d_emb = streamed.finish(head, prep, flow.stack([s[1] for s in stats]), p_wn, emb.detach())
+        if d_emb and emb.requires_grad:
+            emb.backward(d_emb[0])
         for c, (cut, off) in enumerate(zip(cuts, offsets)):
             streamed.chunk_update_link(head, plan, stats[c][0], r[c], prep.xs, b, prep.positions[cut],
                                        prep.slot, prep.owner, off).backward()

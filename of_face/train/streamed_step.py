@@ -56,7 +56,7 @@ class StatsGraph(_HeadGraph):
 
 
 class FinishGraph(_HeadGraph):
-    def build(self, lse, p_wn, xs, target, slope, label_rows, embeddings):
+    def build(self, lse, xs, target, slope, label_rows, embeddings, p_wn=None):
         self.builds += 1
         prepared = Prepared(xs, None, None, None, None, None, target, slope, label_rows)
         return streamed.finish(self.head, prepared, lse, p_wn, embeddings)
@@ -126,7 +126,8 @@ class StreamStep(GraphStep):
     def __init__(self, parts: StepParts, options: StepOptions):
         if options.accum_steps > 1:
             raise ValueError("Loss.fc_chunks > 1 does not combine with Optimizer.accum_steps > 1")
-        self.plan = ChunkPlan.of(parts.head, options.fc_chunks)
+        trains_backbone = any(p.requires_grad for p in parts.backbone.parameters())
+        self.plan = ChunkPlan.of(parts.head, options.fc_chunks, embedding_grad=trains_backbone)
         self.fc_updates = 0  # FC steps taken (AMP-skipped steps excluded): sparse AdamW's t
         self._scale = float(options.init_scale)
         super().__init__(parts, options)
@@ -168,11 +169,11 @@ class StreamStep(GraphStep):
             stats.append(self.stats_graph(prep.xs, prep.positions[cut], prep.slot, prep.owner, self._offsets[c],
                                           *extra))
         lse = flow.stack([s[1] for s in stats])
-        p_wn = flow.stack([s[2] for s in stats])
-        loss, r, b, d_emb = self.finish_graph(lse, p_wn, prep.xs, prep.target, prep.slope, prep.label_rows, emb)
+        p_wn = [flow.stack([s[2] for s in stats])] if plan.embedding_grad else []
+        loss, r, b, *d_emb = self.finish_graph(lse, prep.xs, prep.target, prep.slope, prep.label_rows, emb, *p_wn)
         self.steps_done += 1
         if self.graph is not None:
-            self.graph(images, d_emb)
+            self.graph(images, d_emb[0])
         if not self._backbone_kept(loss):
             return loss  # AMP skipped the backbone's step on every rank: so does the FC
         for c, cut in enumerate(chunks):
