@@ -83,18 +83,19 @@ class HeadShape:
     padded: bool  # classes padded to a multiple of w: a -1e4 column bias
     row_decay: bool  # sparse SGD's kept-row penalty
     adamw_correction: bool  # sparse AdamW's eager bias correction of the kept rows
+    embedding_grad: bool = True  # a backbone trains: the chunks also compute p @ wn (heads/streamed.py)
 
     @property
     def sampling(self) -> bool:
         return self.kept < self.local
 
     @classmethod
-    def of(cls, cfg, head, batch: int) -> "HeadShape":
+    def of(cls, cfg, head, batch: int, embedding_grad: bool = True) -> "HeadShape":
         opt = cfg.Optimizer
         slots = 2 if opt.name == "adamw" else (1 if opt.momentum > 0 else 0)
         return cls(head.local_classes, head.num_sample, head.embedding_size, batch, head.world, slots,
                    bool(head.sparse_update), head.pad_bias is not None, bool(head.row_decay),
-                   bool(head.sparse_update) and opt.name == "adamw")
+                   bool(head.sparse_update) and opt.name == "adamw", embedding_grad)
 
 
 def chunk_plan(kept: int, chunks: int) -> Tuple[int, int]:
@@ -118,7 +119,7 @@ def predict(s: HeadShape, chunks: int = 1) -> Dict[str, float]:
         K, c = chunk_plan(k, chunks)
         out["process"] += 5 * JOB_BASE_GIB * GIB
         out.update(logits=(36 + 4 * pad) * N * c + 4.0 * N * k, rows=84.0 * c * D, vectors=84.0 * k + 120.0 * c,
-                   batch=(250 + 24 * K) * N * D)
+                   batch=(250 + 24 * K * int(s.embedding_grad)) * N * D)
     if s.adamw_correction:
         out["adamw"] = float(ADAMW_EAGER) * k * D
     out["total"] = sum(out.values())
@@ -188,19 +189,19 @@ def candidates(shape: HeadShape, streams: bool) -> List[int]:
     return out
 
 
-def memory_of(cfg, head, batch: int, chunks: int) -> FCMemory:
+def memory_of(cfg, head, batch: int, chunks: int, embedding_grad: bool = True) -> FCMemory:
     """The prediction for a K already chosen (the start-of-run line)."""
-    shape = HeadShape.of(cfg, head, batch)
+    shape = HeadShape.of(cfg, head, batch, embedding_grad)
     run = chunk_plan(shape.kept, chunks)[0] if chunks > 1 else 1
     return FCMemory(run, predicted_gib(shape, run), budget_gib(cfg))
 
 
-def choose_chunks(cfg, head, micro_global_batch: int) -> FCMemory:
+def choose_chunks(cfg, head, micro_global_batch: int, embedding_grad: bool = True) -> FCMemory:
     """Loss.fc_chunks: auto. The smallest K whose predicted peak fits the budget (module
     docstring); K = 1 when the head cannot stream. ConfigError when no K fits."""
     from of_face.config import ConfigError
 
-    shape = HeadShape.of(cfg, head, micro_global_batch)
+    shape = HeadShape.of(cfg, head, micro_global_batch, embedding_grad)
     budget = budget_gib(cfg)
     options = [FCMemory(k, predicted_gib(shape, k), budget) for k in candidates(shape, streamable(cfg, head))]
     for option in options:

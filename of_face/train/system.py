@@ -14,6 +14,7 @@ import oneflow.nn as nn
 from of_face import parallel
 from of_face.config import Config, ConfigError
 from of_face.heads import PartialFC, build_head
+from of_face.heads.memory import choose_chunks
 from of_face.models import build_backbone
 from of_face.models.weights import load_backbone
 from of_face.oneflow_compat import LRScheduler, sync
@@ -129,17 +130,17 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
     optimizer = build_optimizer(cfg.Optimizer, backbone, head)
     scheduler = build_scheduler(optimizer, total, warmup, cfg.LRScheduler.power)
     parts = StepParts(backbone, head, optimizer, scheduler)
-    options = replace(StepOptions.from_config(cfg), fc_chunks=fc_chunks(cfg, head, plan))
+    trains = any(p.requires_grad for p in backbone.parameters())
+    options = replace(StepOptions.from_config(cfg), fc_chunks=fc_chunks(cfg, head, plan, trains))
     step = stepper_class(cfg, head, options)(parts, options)
     return TrainingSystem(backbone, head, optimizer, scheduler, step, plan, total, warmup)
 
 
-def fc_chunks(cfg: Config, head: PartialFC, plan: BatchPlan) -> int:
+def fc_chunks(cfg: Config, head: PartialFC, plan: BatchPlan, trains_backbone: bool = True) -> int:
     """The K of `Loss.fc_chunks` for this head (auto: heads/memory.py's choice)."""
     chunks = cfg.Loss.fc_chunks
     if chunks == "auto":
-        from of_face.heads.memory import choose_chunks
-        return choose_chunks(cfg, head, plan.micro_global).chunks
+        return choose_chunks(cfg, head, plan.micro_global, trains_backbone).chunks
     if chunks > 1 and not head.sparse_update:
         raise ConfigError(f"Loss.fc_chunks: {chunks} chunks stream the sparse FC update; it needs "
                           f"Loss.sample_rate < 1 (sampling) and Optimizer.sparse_fc_update=true")
