@@ -150,8 +150,8 @@ def _chunk_rows(head: PartialFC, positions):
 
 def chunk_stats(head: PartialFC, plan: ChunkPlan, xs, positions, slot, owner, offset, col_bias=None):
     """One chunk (module docstring, 2) -> (p [world, N, k_c], lse [world, N], p @ wn [world, N, D]
-    if the plan needs the embeddings' gradient), all split(0). `positions` [k_c] and `col_bias` [world, k_c] are the chunk's; `offset` [1] its
-    first slot."""
+    if the plan needs the embeddings' gradient), all split(0). `positions` [k_c] and `col_bias`
+    [world, k_c] are the chunk's; `offset` [1] its first slot."""
     _, wn = _chunk_rows(head, positions)
     z = flow.matmul(parallel.per_rank(xs), wn, transpose_b=True)  # [world, N, k_c]
     if col_bias is not None:
