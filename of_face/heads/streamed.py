@@ -26,9 +26,11 @@ them all. The loss is exact over all chunks and ranks:
 
 Only [N]-sized vectors and [N, D] matrices cross ranks. The chunks' p are kept between passes
 (one [N, k] float32 per rank, the size of ONE logits tensor of the single compiled step), so the
-cosine matmul runs once: three matmuls per step as at K = 1. The last chunk is padded with its own
-first position (a duplicate within one chunk, whose column gets the -1e4 bias and no decay: its
-row's gradient and update are the real column's).
+cosine matmul runs once: the matmuls are those of K = 1 (p @ wn only when a backbone trains from
+the embeddings' gradient; with nothing upstream, as the FC benches' identity backbone, it is
+skipped, as autograd skips it at K = 1). The last chunk is padded with its own first position (a
+duplicate within one chunk, whose column gets the -1e4 bias and no decay: its row's gradient and
+update are the real column's; the indexed-slices update sums duplicate indices first).
 """
 import math
 from typing import Any, NamedTuple, Optional

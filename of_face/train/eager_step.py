@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import oneflow as flow
 
+from of_face import parallel
 from of_face.heads import streamed
 from of_face.heads.partial_fc import HeadOutput
 from of_face.oneflow_compat import optimizer_state
@@ -74,8 +75,8 @@ class EagerStep:
         with flow.no_grad():
             prep = streamed.prepare(head, plan, emb.detach(), labels, noise)
             cuts = [slice(c * plan.size, (c + 1) * plan.size) for c in range(plan.chunks)]
-            offsets = [flow.full((1,), c * plan.size, dtype=flow.int64, placement=emb.placement,
-                                 sbp=flow.sbp.broadcast) for c in range(plan.chunks)]
+            offsets = [parallel.broadcast_array(np.array([c * plan.size], np.int64), emb.placement)
+                       for c in range(plan.chunks)]
             stats = [streamed.chunk_stats(head, plan, prep.xs, prep.positions[cut], prep.slot, prep.owner, off,
                                           prep.col_bias[:, cut] if plan.col_bias else None)
                      for cut, off in zip(cuts, offsets)]
