@@ -3,11 +3,14 @@
     python -m oneflow.distributed.launch --nproc_per_node N \\
         bench/step_speed.py MODE WIDTH PER_RANK_BATCH [CLASSES [AMP]]
 
-AMP = 1 turns on graph-mode AMP (FP16 autocast + dynamic loss scale).
+AMP = 1 turns on graph-mode AMP (FP16 autocast + dynamic loss scale). FC_RATE (PartialFC's
+sample rate, default 1.0; below 1 with sparse updates) and FC_CHUNKS (Loss.fc_chunks, default 1)
+measure what streaming the head costs a real backbone (its forward recomputed).
 
 Runs 3 warm-up steps (graph compilation) then 8 timed steps on a fixed random batch and prints
 samples/s over all ranks. Results go to docs/BENCHMARKS.md.
 """
+import os
 import sys
 import time
 
@@ -21,11 +24,13 @@ from of_face.train.system import build
 mode, width, per_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 classes = int(sys.argv[4]) if len(sys.argv) > 4 else 200
 amp = len(sys.argv) > 5 and sys.argv[5] == "1"
+rate = float(os.environ.get("FC_RATE", "1.0"))
 cfg = load_config(None, [
     f"Global.mode={mode}", "Global.seed=0", "Model.name=iresnet", "Model.layers=[1, 1, 1, 1]", f"Model.width={width}",
     "Model.embedding_size=128", "Loss.margin=[1.0, 0.0, 0.1]", "Loss.scale=16.0", "Optimizer.lr=0.1",
-    "Optimizer.sparse_fc_update=false", f"Data.batch_size={per_rank}", "LRScheduler.power=0",  # constant LR
-    f"AMP.enable={str(amp).lower()}",
+    f"Optimizer.sparse_fc_update={str(rate < 1).lower()}", f"Data.batch_size={per_rank}",
+    "LRScheduler.power=0", f"AMP.enable={str(amp).lower()}",  # constant LR
+    f"Loss.sample_rate={rate}", f"Loss.fc_chunks={os.environ.get('FC_CHUNKS', '1')}",
 ])
 step = build(cfg, classes, total_steps=11, warmup_steps=0).step
 
