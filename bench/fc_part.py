@@ -56,5 +56,6 @@ seconds = (time.time() - start) / steps
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB, this rank
 last = round(float(parallel.to_numpy(loss)), 4)
 print(json.dumps({"rank": parallel.rank(), "classes": classes, "rate": rate, "sparse": head.sparse_update, "dim": dim,
-                  "batch": batch, "kept_per_rank": head.num_sample, "fc_chunks": getattr(getattr(step, "plan", None), "chunks", 1), "s_per_step": round(seconds, 4),
+                  "batch": batch, "kept_per_rank": head.num_sample,
+                  "fc_chunks": getattr(getattr(step, "plan", None), "chunks", 1), "s_per_step": round(seconds, 4),
                   "peak_rss_gib": round(rss, 2), "loss": last}), flush=True)

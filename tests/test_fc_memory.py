@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from of_face.config import ConfigError, load_config
+from of_face.config import load_config
 from of_face.heads import memory
 from of_face.heads.memory import GIB, FCMemory, HeadShape
 
@@ -108,10 +108,11 @@ def test_auto_returns_1_when_the_head_cannot_stream():
 
 def test_auto_refuses_what_fits_in_no_k_naming_the_budget_key():
     cfg, head = fake(budget=0.5)
-    with pytest.raises(ConfigError, match=r"Loss\.fc_memory_gib.*4000000 classes.*even in \d+ chunks.*budget of 0\.50"):
+    with pytest.raises(memory.DoesNotFit,
+                       match=r"Loss\.fc_memory_gib.*4000000 classes.*even in \d+ chunks.*budget of 0\.50"):
         memory.choose_chunks(cfg, head, 256)
     cfg, head = fake(sparse=False, budget=0.5)
-    with pytest.raises(ConfigError, match=r"Loss\.fc_memory_gib.*cannot stream"):
+    with pytest.raises(memory.DoesNotFit, match=r"Loss\.fc_memory_gib.*cannot stream"):
         memory.choose_chunks(cfg, head, 256)
 
 

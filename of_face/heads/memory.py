@@ -49,7 +49,7 @@ updates runs other jobs (train/amp_sparse.py); there it is an estimate, not meas
 the per-rank budget `Loss.fc_memory_gib`, by default this machine's MemTotal over its local ranks,
 less a margin (`default_budget_gib`). K > 1 streams the sparse FC update (heads/streamed.py), so
 auto returns 1 when the head cannot stream (no sampling, dense updates, gradient accumulation).
-When nothing fits it raises a ConfigError naming Loss.fc_memory_gib rather than starting a run the
+When nothing fits it raises DoesNotFit (the run's ConfigError) naming Loss.fc_memory_gib rather than starting a run the
 kernel would kill minutes later (or that would push another process out on a shared machine): an
 explicit budget or an integer fc_chunks overrides the check.
 """
@@ -151,6 +151,11 @@ def default_budget_gib(total_gib: Optional[float] = None, ranks: Optional[int] =
     return share * (1.0 - MARGIN_FRACTION) - MARGIN_GIB
 
 
+class DoesNotFit(ValueError):
+    """No K fits the budget (train/system.py turns it into the run's ConfigError: heads sit below
+    the config layer)."""
+
+
 @dataclass(frozen=True)
 class FCMemory:
     """The K of a run and its predicted peak per rank (GiB) against the budget (GiB)."""
@@ -198,9 +203,7 @@ def memory_of(cfg, head, batch: int, chunks: int, embedding_grad: bool = True) -
 
 def choose_chunks(cfg, head, micro_global_batch: int, embedding_grad: bool = True) -> FCMemory:
     """Loss.fc_chunks: auto. The smallest K whose predicted peak fits the budget (module
-    docstring); K = 1 when the head cannot stream. ConfigError when no K fits."""
-    from of_face.config import ConfigError
-
+    docstring); K = 1 when the head cannot stream. DoesNotFit when no K fits."""
     shape = HeadShape.of(cfg, head, micro_global_batch, embedding_grad)
     budget = budget_gib(cfg)
     options = [FCMemory(k, predicted_gib(shape, k), budget) for k in candidates(shape, streamable(cfg, head))]
@@ -212,7 +215,7 @@ def choose_chunks(cfg, head, micro_global_batch: int, embedding_grad: bool = Tru
     how = (f"even in {best.chunks} chunks" if best.chunks > 1 else
            "and it cannot stream in chunks (needs Loss.sample_rate < 1, Optimizer.sparse_fc_update=true, "
            "Optimizer.accum_steps=1)")
-    raise ConfigError(f"{where}: the FC head of {head.num_classes} classes x {shape.dim} needs a predicted "
+    raise DoesNotFit(f"{where}: the FC head of {head.num_classes} classes x {shape.dim} needs a predicted "
                       f"{best.predicted_gib:.2f} GiB per rank {how}, over the budget of {budget:.2f} GiB; "
                       f"raise Loss.fc_memory_gib, set Loss.fc_chunks to an integer, or use more ranks")
 

@@ -14,7 +14,7 @@ import oneflow.nn as nn
 from of_face import parallel
 from of_face.config import Config, ConfigError
 from of_face.heads import PartialFC, build_head
-from of_face.heads.memory import choose_chunks
+from of_face.heads.memory import DoesNotFit, choose_chunks
 from of_face.models import build_backbone
 from of_face.models.weights import load_backbone
 from of_face.oneflow_compat import LRScheduler, sync
@@ -140,7 +140,10 @@ def fc_chunks(cfg: Config, head: PartialFC, plan: BatchPlan, trains_backbone: bo
     """The K of `Loss.fc_chunks` for this head (auto: heads/memory.py's choice)."""
     chunks = cfg.Loss.fc_chunks
     if chunks == "auto":
-        return choose_chunks(cfg, head, plan.micro_global, trains_backbone).chunks
+        try:
+            return choose_chunks(cfg, head, plan.micro_global, trains_backbone).chunks
+        except DoesNotFit as e:
+            raise ConfigError(str(e)) from None
     if chunks > 1 and not head.sparse_update:
         raise ConfigError(f"Loss.fc_chunks: {chunks} chunks stream the sparse FC update; it needs "
                           f"Loss.sample_rate < 1 (sampling) and Optimizer.sparse_fc_update=true")
