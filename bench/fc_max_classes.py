@@ -1,13 +1,19 @@
 """Issue 12 item 7: the largest class count the FC part runs at r 0.1 with the sparse update, 2 ranks.
 
     python bench/fc_max_classes.py [--dims 512 128] [--budget-gib G] [--resolution 0.02]
-                                   [--resolution-classes 100000] [--steps 3]
+                                   [--resolution-classes 100000] [--steps 3] [--fc-chunks auto] [--fc-memory-gib G]
 
 For each embedding size it bisects the class count C for which
-`FC_STEPS=3 python -m oneflow.distributed.launch --nproc_per_node 2 bench/fc_part.py C 0.1 1 DIM 256`
-completes. Every trial is its own launch in its own process group (session). A watchdog in this
-process sums the RSS of the trial's whole process tree (from /proc: psutil is not a project
-dependency) every 0.2 s and kills the group once the sum passes the budget (default: MemAvailable
+`FC_STEPS=3 FC_CHUNKS=K FC_MEMORY_GIB=G python -m oneflow.distributed.launch --nproc_per_node 2
+bench/fc_part.py C 0.1 1 DIM 256` completes. K and G default to the environment's FC_CHUNKS (else 1:
+the one compiled step) and FC_MEMORY_GIB; with K = auto and no G, G is the watchdog's budget less
+the launcher's share, over the ranks, so that auto (heads/memory.py) picks the smallest K predicted
+to fit the watchdog's budget, and a C that auto refuses (no K predicted to fit: its ConfigError
+names Loss.fc_memory_gib) counts as over budget without running.
+
+Every trial is its own launch in its own process group (session). A watchdog in this process sums
+the RSS of the trial's whole process tree (from /proc: psutil is not a project dependency) every
+0.2 s and kills the group once the sum passes the budget (default: MemAvailable
 at start minus 1.5 GiB). A trial that is too big therefore never reaches the kernel OOM killer, which
 could pick another process on a shared box. Such a trial is "over budget"; any other failure (exit
 code, missing JSON, timeout, the machine itself running low on memory) stops the search, since it
@@ -21,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -35,6 +42,8 @@ GIB = 2**30
 REPO = Path(__file__).resolve().parents[1]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 WORLD = 2
+LAUNCHER_GIB = 0.4  # RSS of oneflow.distributed.launch itself (it imports OneFlow), part of the summed RSS
+REFUSED = "Loss.fc_memory_gib"  # auto's ConfigError when no K is predicted to fit (heads/memory.py)
 
 
 def meminfo() -> dict:
@@ -146,24 +155,38 @@ class Trial:
     rank_rss_gib: float | None = None  # ru_maxrss, max over ranks
     detail: str = ""
     seconds: float = 0.0
+    fc_chunks: int | None = None  # the K run
+    predicted_gib: float | None = None  # heads/memory.py's peak per rank for it
+
+
+def rank_lines(stdout: str) -> list:
+    """The ranks' JSON lines (their writes may interleave on one line)."""
+    return [json.loads(m) for m in re.findall(r"\{[^{}]*\}", stdout) if '"rank"' in m]
 
 
 def run_trial(classes: int, dim: int, budget_bytes: int, *, rate: float = 0.1, batch: int = 256, steps: int = 3,
-              timeout: float | None = None, min_available: int = 0, interval: float = 0.2) -> Trial:
+              timeout: float | None = None, min_available: int = 0, interval: float = 0.2, fc_chunks: str = "1",
+              fc_memory_gib: float = 0.0) -> Trial:
     cmd = [sys.executable, "-m", "oneflow.distributed.launch", "--nproc_per_node", str(WORLD),
            "--master_port", str(29000 + random.randrange(900)),
            "bench/fc_part.py", str(classes), str(rate), "1", str(dim), str(batch)]
-    w = watch(cmd, budget_bytes, interval=interval, timeout=timeout, min_available=min_available, cwd=REPO,
-              env=dict(os.environ, FC_STEPS=str(steps)))
+    env = dict(os.environ, FC_STEPS=str(steps), FC_CHUNKS=str(fc_chunks), FC_MEMORY_GIB=str(fc_memory_gib))
+    w = watch(cmd, budget_bytes, interval=interval, timeout=timeout, min_available=min_available, cwd=REPO, env=env)
     if w.killed == "over budget":
         return Trial(classes, "over budget", w.peak_bytes, seconds=w.seconds)
-    ranks = [json.loads(line) for line in w.stdout.splitlines() if line.startswith("{")]
+    ranks = rank_lines(w.stdout)
+    if not w.killed and w.returncode != 0 and REFUSED in w.stderr:  # auto: no K predicted to fit
+        line = next(x for x in w.stderr.splitlines() if REFUSED in x)
+        predicted = re.search(r"needs a predicted ([0-9.]+) GiB", line)
+        return Trial(classes, "over budget", w.peak_bytes, detail="refused by auto (predicted)", seconds=w.seconds,
+                     predicted_gib=float(predicted.group(1)) if predicted else None)
     if w.killed or w.returncode != 0 or len(ranks) < WORLD:
         last = (w.stderr.strip().splitlines() or ["(no stderr)"])[-1][:200]
         why = f"killed: {w.killed}" if w.killed else f"exit {w.returncode}, {len(ranks)} JSON lines"
         return Trial(classes, "failed", w.peak_bytes, detail=f"{why}: {last}", seconds=w.seconds)
     return Trial(classes, "ok", w.peak_bytes, max(r["s_per_step"] for r in ranks),
-                 max(r["peak_rss_gib"] for r in ranks), seconds=w.seconds)
+                 max(r["peak_rss_gib"] for r in ranks), seconds=w.seconds, fc_chunks=ranks[0].get("fc_chunks"),
+                 predicted_gib=ranks[0].get("predicted_gib"))
 
 
 def bytes_bound(budget_bytes: int, dim: int, granularity: int = 1000) -> int:
@@ -207,6 +230,8 @@ def search(trial: Callable[[int], Trial], lo: int, hi: int, *, resolution: float
 
 def describe(dim: int, t: Trial) -> str:
     speed = f"{t.s_per_step:.2f} s/step, {t.rank_rss_gib:.2f} GiB/rank" if t.outcome == "ok" else ""
+    if t.fc_chunks is not None:
+        speed += f", K {t.fc_chunks}, predicted {t.predicted_gib:.2f} GiB/rank"
     return (f"dim {dim}: {t.classes:>12,} classes  {t.outcome:<11}  peak {t.peak_bytes / GIB:6.2f} GiB summed  "
             f"{speed}  ({t.seconds:.0f} s){'  ' + t.detail if t.detail else ''}")
 
@@ -218,6 +243,8 @@ def table_row(dim: int, s: Search, budget_bytes: int, stamp: str) -> str:
     else:
         over = f"{s.hi:,} (bytes bound, not run)"
     rss = f"{s.largest.rank_rss_gib:.2f} GiB" if s.largest else "-"
+    if s.largest and s.largest.fc_chunks is not None:
+        rss += f" (K {s.largest.fc_chunks}, predicted {s.largest.predicted_gib:.2f})"
     if s.stopped:
         over += f"; stopped: {s.stopped.classes:,} {s.stopped.detail}"
     load = "%.2f %.2f %.2f" % os.getloadavg()
@@ -241,12 +268,21 @@ def main(argv=None) -> int:
                     help="seconds between RSS samples (a launch can grow ~0.5 GiB in 0.2 s: keep the margin)")
     ap.add_argument("--min-available-gib", type=float, default=0.5,
                     help="kill the trial and stop if the machine's MemAvailable drops below this")
+    ap.add_argument("--fc-chunks", default=os.environ.get("FC_CHUNKS", "1"),
+                    help="FC_CHUNKS of every trial: an integer K or auto (default: $FC_CHUNKS, else 1)")
+    ap.add_argument("--fc-memory-gib", type=float, default=float(os.environ.get("FC_MEMORY_GIB", 0) or 0),
+                    help="FC_MEMORY_GIB of every trial, auto's per-rank budget (default: $FC_MEMORY_GIB; with "
+                         "auto and none, (budget - launcher) / ranks)")
     args = ap.parse_args(argv)
     info = meminfo()
     safe = info["MemAvailable"] - int(args.margin_gib * GIB)
     budget = int(args.budget_gib * GIB) if args.budget_gib else safe
+    per_rank = args.fc_memory_gib
+    if args.fc_chunks == "auto" and not per_rank:
+        per_rank = round((budget / GIB - LAUNCHER_GIB) / WORLD, 2)
     print(f"machine: {os.cpu_count()} cores, MemTotal {info['MemTotal'] / GIB:.2f} GiB, MemAvailable "
-          f"{info['MemAvailable'] / GIB:.2f} GiB; budget {budget / GIB:.2f} GiB summed RSS; load average "
+          f"{info['MemAvailable'] / GIB:.2f} GiB; budget {budget / GIB:.2f} GiB summed RSS; FC_CHUNKS "
+          f"{args.fc_chunks}, FC_MEMORY_GIB {per_rank or 'default'}; load average "
           "%.2f %.2f %.2f at start" % os.getloadavg(), flush=True)
     if budget > safe:
         print(f"warning: budget above MemAvailable - {args.margin_gib} GiB: the kernel may kill first", flush=True)
@@ -256,13 +292,15 @@ def main(argv=None) -> int:
         print(f"dim {dim}: bisecting ({args.lo:,}, {hi:,}) classes", flush=True)
         s = search(lambda c, d=dim: run_trial(c, d, budget, rate=args.rate, batch=args.batch, steps=args.steps,
                                               timeout=args.timeout, interval=args.interval,
-                                              min_available=int(args.min_available_gib * GIB)),
+                                              min_available=int(args.min_available_gib * GIB),
+                                              fc_chunks=args.fc_chunks, fc_memory_gib=per_rank),
                    args.lo, hi, resolution=args.resolution, resolution_classes=args.resolution_classes,
                    report=lambda t, d=dim: print(describe(d, t), flush=True))
         failed |= s.stopped is not None
         rows.append(table_row(dim, s, budget, datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")))
     print(f"\nr {args.rate}, sparse update, {WORLD} ranks, global batch {args.batch}, {args.steps} timed steps "
-          f"(+2 warm-up); machine {os.cpu_count()} cores, MemTotal {info['MemTotal'] / GIB:.2f} GiB")
+          f"(+2 warm-up), FC_CHUNKS {args.fc_chunks}, FC_MEMORY_GIB {per_rank or 'default'}; "
+          f"machine {os.cpu_count()} cores, MemTotal {info['MemTotal'] / GIB:.2f} GiB")
     print("| dim | largest that ran | smallest that did not | peak RSS/rank at largest | budget | load average "
           "| date |")
     print("|---|---|---|---|---|---|---|")

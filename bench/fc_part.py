@@ -4,6 +4,10 @@
 
 FC_CHUNKS (an integer K or auto; default 1) and FC_MEMORY_GIB (auto's per-rank budget; default:
 the config's) stream the head in K class chunks (heads/streamed.py), so one command measures any K.
+FC_OPTIMIZER: sgd (default, momentum 0.9) or adamw. Each JSON line also carries the K run and
+heads/memory.py's predicted peak per rank for it (docs/BENCHMARKS.md, P2d, compares the two).
+FC_TALLY=1: rank 0 also prints, per compiled job, its buffers as bytes per element of the formula's
+shapes (heads/memory.py `coefficients`: where its integer coefficients come from).
 
 One compiled step = all-gather of the features, (PartialFC sampling), cosine matmul, margin,
 softmax cross-entropy, backward and the SGD-momentum update of the FC weight (dense, or sparse:
@@ -24,6 +28,7 @@ import of_face  # noqa: F401
 import oneflow as flow
 from of_face import parallel
 from of_face.config import load_config
+from of_face.heads.memory import HeadShape, coefficients, memory_of
 from of_face.train.system import build
 
 classes, rate, sparse = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "1"
@@ -32,15 +37,17 @@ batch = int(sys.argv[5]) if len(sys.argv) > 5 else 128  # global
 steps = int(os.environ.get("FC_STEPS", 3))  # timed steps (after 2 warm-up)
 chunks = os.environ.get("FC_CHUNKS", "1")
 memory = os.environ.get("FC_MEMORY_GIB", "0")
+optimizer = os.environ.get("FC_OPTIMIZER", "sgd")
 cfg = load_config(None, [
     "Global.mode=graph", "Global.seed=0", f"Model.embedding_size={dim}", "Loss.margin=[1.0, 0.5, 0.0]",
-    "Loss.scale=64.0", f"Loss.sample_rate={rate}", "Optimizer.lr=0.1", "Optimizer.momentum=0.9",
-    "Optimizer.weight_decay=5e-4", f"Optimizer.sparse_fc_update={str(sparse).lower()}",
+    "Loss.scale=64.0", f"Loss.sample_rate={rate}", f"Optimizer.name={optimizer}", "Optimizer.lr=0.1",
+    "Optimizer.momentum=0.9", "Optimizer.weight_decay=5e-4", f"Optimizer.sparse_fc_update={str(sparse).lower()}",
     f"Data.batch_size={batch // parallel.world_size()}", "LRScheduler.power=0",  # constant LR
     f"Loss.fc_chunks={chunks}", f"Loss.fc_memory_gib={memory}",
 ])
 system = build(cfg, classes, backbone=flow.nn.Identity(), total_steps=2 + steps, warmup_steps=0)
 head, step = system.head, system.step
+run = memory_of(cfg, head, batch, getattr(getattr(step, "plan", None), "chunks", 1), embedding_grad=False)
 
 rng = np.random.default_rng(0)
 per_rank = batch // parallel.world_size()
@@ -56,6 +63,12 @@ seconds = (time.time() - start) / steps
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB, this rank
 last = round(float(parallel.to_numpy(loss)), 4)
 print(json.dumps({"rank": parallel.rank(), "classes": classes, "rate": rate, "sparse": head.sparse_update, "dim": dim,
-                  "batch": batch, "kept_per_rank": head.num_sample,
-                  "fc_chunks": getattr(getattr(step, "plan", None), "chunks", 1), "s_per_step": round(seconds, 4),
-                  "peak_rss_gib": round(rss, 2), "loss": last}), flush=True)
+                  "batch": batch, "kept_per_rank": head.num_sample, "optimizer": optimizer, "fc_chunks": run.chunks,
+                  "s_per_step": round(seconds, 4), "peak_rss_gib": round(rss, 3),
+                  "predicted_gib": round(run.predicted_gib, 3), "budget_gib": round(run.budget_gib, 2), "loss": last}),
+      flush=True)
+if os.environ.get("FC_TALLY") == "1" and parallel.rank() == 0:
+    shape = HeadShape.of(cfg, head, batch, embedding_grad=False)
+    jobs = getattr(step, "graphs", None) or [step.graph]
+    counts = {type(g).__name__: coefficients(g, shape, run.chunks) for g in jobs}
+    print(json.dumps({"tally": {job: {k: round(v, 1) for k, v in c.items()} for job, c in counts.items()}}), flush=True)

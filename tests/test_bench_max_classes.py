@@ -137,3 +137,26 @@ def test_run_trial_reports_a_crash_with_its_last_stderr_line(monkeypatch):
     assert (t.outcome, t.s_per_step, t.rank_rss_gib) == ("ok", 2.5, 0.7)
     monkeypatch.setattr(mc, "watch", lambda cmd, budget, **kw: mc.Watched(-9, "", "", 3 * MIB, "over budget", 9.0))
     assert mc.run_trial(300_000, 128, 2**30).outcome == "over budget"
+
+
+def test_run_trial_passes_fc_chunks_and_reads_interleaved_rank_lines(monkeypatch):
+    # print writes text and newline apart: the two ranks' lines can land on one line; K and the
+    # prediction come back with the trial
+    one = '{"rank": 0, "s_per_step": 2.0, "peak_rss_gib": 9.5, "fc_chunks": 32, "predicted_gib": 9.4}'
+    two = '{"rank": 1, "s_per_step": 2.5, "peak_rss_gib": 9.6, "fc_chunks": 32, "predicted_gib": 9.4}'
+
+    def ran(cmd, budget, **kw):
+        assert kw["env"]["FC_CHUNKS"] == "auto" and kw["env"]["FC_MEMORY_GIB"] == "10.5"
+        return mc.Watched(0, one + two + "\n\n", "", 3 * MIB, "", 9.0)
+    monkeypatch.setattr(mc, "watch", ran)
+    t = mc.run_trial(4_600_000, 512, 2**30, fc_chunks="auto", fc_memory_gib=10.5)
+    assert (t.outcome, t.s_per_step, t.rank_rss_gib, t.fc_chunks, t.predicted_gib) == ("ok", 2.5, 9.6, 32, 9.4)
+    assert "K 32, predicted 9.40 GiB/rank" in mc.describe(512, t)
+
+
+def test_a_size_auto_refuses_counts_as_over_budget_not_as_a_failure(monkeypatch):
+    err = ("error: Loss.fc_memory_gib: the FC head of 6000000 classes x 512 needs a predicted 12.90 GiB per rank "
+           "even in 64 chunks, over the budget of 10.50 GiB; raise Loss.fc_memory_gib, ...\n")
+    monkeypatch.setattr(mc, "watch", lambda cmd, budget, **kw: mc.Watched(1, "", err, 3 * MIB, "", 5.0))
+    t = mc.run_trial(6_000_000, 512, 2**30, fc_chunks="auto", fc_memory_gib=10.5)
+    assert t.outcome == "over budget" and t.predicted_gib == 12.9 and "refused by auto" in t.detail

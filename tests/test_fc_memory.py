@@ -125,8 +125,8 @@ def test_auto_with_the_default_budget_uses_this_machine(monkeypatch):
 
 def test_describe_names_k_the_peak_and_the_budget():
     text = FCMemory(4, 9.5, 10.09).describe()
-    assert "4 chunks" in text and "9.50 GiB per rank" in text and "budget 10.09 GiB" in text
-    assert "1 chunk:" in FCMemory(1, 1.0, 2.0).describe()
+    assert "K = 4 chunks" in text and "9.50 GiB per rank" in text and "budget 10.09 GiB" in text
+    assert "K = 1 chunk," in FCMemory(1, 1.0, 2.0).describe()
 
 
 def test_a_real_head_and_auto_through_the_build():

@@ -168,9 +168,9 @@ class FCMemory:
         return self.predicted_gib <= self.budget_gib
 
     def describe(self) -> str:
-        k = f"{self.chunks} chunk{'s' if self.chunks > 1 else ''}"
-        return (f"FC head in {k}: predicted peak {self.predicted_gib:.2f} GiB per rank "
-                f"(budget {self.budget_gib:.2f} GiB)")
+        k = f"K = {self.chunks} chunk{'s' if self.chunks > 1 else ''}"
+        return (f"FC head: {k}, predicted peak {self.predicted_gib:.2f} GiB per rank "
+                f"(the FC part; budget {self.budget_gib:.2f} GiB)")
 
 
 def streamable(cfg, head) -> bool:
@@ -226,11 +226,11 @@ _DTYPE_BYTES = {1: 1, 2: 4, 3: 8, 4: 1, 5: 4, 6: 8, 7: 1, 9: 2, 11: 2, 12: 1}
 _REDUCTIONS = ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod")
 
 
-def job_buffers(graph, world: int) -> List[Tuple[str, str, int]]:
-    """(blob name, op type, bytes on one rank) of every buffer of a compiled nn.Graph's job, but
-    its variables: each op output (logical shape over the ranks of a split), the scratch buffer of
-    each reduction (its input's size: OneFlow's CPU reduce kernels ask that much) and nn.Graph's
-    two eager buffers per output. What `predict` counts, from the job itself."""
+def job_buffers(graph, world: int) -> List[Tuple[str, str, int, int]]:
+    """(blob name, op type, elements on one rank, bytes per element) of every buffer of a compiled
+    nn.Graph's job, but its variables: each op output (its logical shape over the ranks of a split),
+    the scratch buffer of each reduction (its input's size: OneFlow's CPU reduce kernels ask that
+    much) and nn.Graph's two eager buffers per output. What `predict` counts, from the job itself."""
     from of_face.oneflow_compat import full_graph_proto
 
     job = full_graph_proto(graph)
@@ -242,14 +242,14 @@ def job_buffers(graph, world: int) -> List[Tuple[str, str, int]]:
         if kind == "user_conf":
             inputs[op.name] = [lbn for v in op.user_conf.input.values() for lbn in v.s]
 
-    def size(lbn: str) -> int:
+    def size(lbn: str) -> Tuple[int, int]:
         desc = job.helper.lbn2logical_blob_desc[lbn]
-        n = math.prod(desc.shape.dim) * _DTYPE_BYTES.get(desc.data_type, 4)
+        n = math.prod(desc.shape.dim)
         op, bn = lbn.split("/", 1)
         if op in sbp and bn in sbp[op].bn_in_op2nd_sbp:
             if sbp[op].bn_in_op2nd_sbp[bn].sbp_parallel[0].HasField("split_parallel"):
-                return n // world
-        return n
+                n //= world
+        return n, _DTYPE_BYTES.get(desc.data_type, 4)
 
     out = []
     for lbn in job.helper.lbn2logical_blob_desc:
@@ -257,13 +257,29 @@ def job_buffers(graph, world: int) -> List[Tuple[str, str, int]]:
         kind = kinds.get(op, "?")
         if kind == "variable_conf":
             continue
-        out.append((lbn, kind, size(lbn)))
+        out.append((lbn, kind) + size(lbn))
         if kind in _REDUCTIONS and inputs.get(op):
-            out.append((lbn + ":scratch", kind, size(inputs[op][0])))
+            out.append((lbn + ":scratch", kind) + size(inputs[op][0]))
         if kind == "output_conf":
-            out.append((lbn + ":eager x2", kind, 2 * size(lbn)))
+            n, b = size(lbn)
+            out.append((lbn + ":eager x2", kind, n, 2 * b))  # (two buffers: as one of twice the bytes)
     return out
 
 
-__all__ = ["FCMemory", "HeadShape", "choose_chunks", "default_budget_gib", "job_buffers", "memory_of", "predict",
-           "predicted_gib"]
+def coefficients(graph, s: HeadShape, chunks: int = 1) -> Dict[str, float]:
+    """A compiled job's buffers (`job_buffers`) as bytes per element of the formula's shapes:
+    {"N*c": 24.0, "c*D": 12.0, ...} means 24 bytes per element of [N, c] (six float32 buffers),
+    and so on; "other" sums the bytes of buffers of no such size (the terms in N alone)."""
+    K, c = chunk_plan(s.kept, chunks) if chunks > 1 else (1, s.kept)
+    N, D, w, L = s.batch, s.dim, s.world, s.local
+    sizes = {"N*c": N * c, "c*D": c * D, "L*D": L * D, "w*N*D": w * N * D, "N*D": N * D, "K*N*D": K * N * D,
+             "L": L, "w*L": w * L, "k": s.kept, "c": c, "N*D/w": N * D // w}
+    out: Dict[str, float] = {}
+    for _, _, n, nbytes in job_buffers(graph, w):
+        name = next((name for name, v in sizes.items() if v == n), "other")
+        out[name] = out.get(name, 0.0) + (n * nbytes / sizes[name] if name != "other" else n * nbytes)
+    return out
+
+
+__all__ = ["FCMemory", "HeadShape", "choose_chunks", "coefficients", "default_budget_gib", "job_buffers", "memory_of",
+           "predict", "predicted_gib"]

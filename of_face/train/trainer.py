@@ -17,6 +17,7 @@ from of_face.data.loader import ShardedLoader, SkipBadRecords
 from of_face.data.recordio import RecordDataset
 from of_face.device import check_device
 from of_face.heads import PartialFC
+from of_face.heads.memory import memory_of
 from of_face.models.weights import save_backbone
 from of_face.run import changes, checkpoint, shards
 from of_face.run.folder import Claim, RunFolder
@@ -229,9 +230,11 @@ class Trainer:
 
     def fit(self) -> Dict[str, Any]:
         g = self.cfg.Global
+        chunks = getattr(getattr(self.step_fn, "plan", None), "chunks", 1)  # StreamStep's K (1: one job)
+        fc = memory_of(self.cfg, self.system.head, self.plan.micro_global, chunks)
         log(f"training {self.cfg.Model.name} ({g.mode} mode) on {parallel.world_size()} rank(s), "
             f"{len(self.dataset)} images, {self.num_classes} classes, global batch {self.global_batch}, "
-            f"{self.total_steps} steps")
+            f"{self.total_steps} steps; {fc.describe()}")
         step, start_epoch, skip = self.start
         self.progress = Progress(self.total_steps, self.global_batch, self.out_dir,  # rich bar or plain lines
                                  start_step=step)
