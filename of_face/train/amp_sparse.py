@@ -114,21 +114,35 @@ class AmpSparseStep(GraphStep):
         loss, kept, row_grad = self.graph(images, labels, noise)
         step = self.steps_done
         self.steps_done += 1
+        if not self._scaler_kept(loss):
+            return loss  # job 1 skipped its update on every rank: so does the FC
+        self.fc_job.set_step(step)
+        self.fc_graph(row_grad, kept)
+        self._fc_updated(kept, step)
+        return loss
+
+    def _scaler_kept(self, loss: flow.Tensor) -> bool:
+        """Whether the loss-scaled job kept this step, the same answer on every rank: the loss is
+        finite and the scale did not drop (the scaler halves it exactly when it skips)."""
         scale = self.loss_scale()
         dropped = scale is not None and scale < self._scale
         self._scale = scale if scale is not None else self._scale
         finite = bool(np.isfinite(parallel.to_numpy(loss)).all())
-        if not parallel.all_ok(finite and not dropped):
-            return loss  # job 1 skipped its update on every rank: so does the FC
-        self.fc_job.set_step(step)
-        self.fc_graph(row_grad, kept)
+        return parallel.all_ok(finite and not dropped)
+
+    def _fc_updated(self, kept: flow.Tensor, step: int) -> None:
+        """After the FC's update of optimizer step `step`: count it, then sparse AdamW's correction."""
         self.fc_updates += 1
         if self.correction is not None:
-            self.correction.after_compiled_step(head.weight, self.fc_job.moments(), kept, step, self.fc_updates)
-        return loss
+            self.correction.after_compiled_step(self.parts.head.weight, self.fc_job.moments(), kept, step,
+                                                self.fc_updates)
+
+    def _updates_missing(self, state: StepperState) -> int:
+        """fc_updates of a state saved without it (another stepper's)."""
+        return self.fc_updates
 
     def state_dict(self) -> StepperState:
-        state = super().state_dict()
+        state = super().state_dict() if self.graph is not None else StepperState(step=self.steps_done)
         state.slots.update(self.fc_job.slots())
         state.variables["fc_updates"] = np.array([self.fc_updates], np.int64)
         return state
@@ -138,8 +152,12 @@ class AmpSparseStep(GraphStep):
         rest = StepperState({k: v for k, v in state.slots.items() if k[0] != "head.weight"},
                             {k: v for k, v in state.variables.items() if k != "fc_updates"},
                             state.step, state.scheduler)
-        super().load_state_dict(rest)
+        if self.graph is not None:
+            super().load_state_dict(rest)
+        self.steps_done = int(state.step)
         if "fc_updates" in state.variables:
             self.fc_updates = int(np.asarray(state.variables["fc_updates"]).reshape(-1)[0])
+        else:
+            self.fc_updates = self._updates_missing(state)
         if fc_slots:
             self.fc_job.load_slots(fc_slots)

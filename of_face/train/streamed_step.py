@@ -30,9 +30,9 @@ import oneflow.nn as nn
 from of_face import parallel
 from of_face.heads import streamed
 from of_face.heads.streamed import ChunkPlan, Prepared
-from of_face.train.amp_sparse import FCUpdateGraph, split_optimizer
+from of_face.train.amp_sparse import AmpSparseStep, FCUpdateGraph, split_optimizer
 from of_face.train.optim import SparseAdamCorrection
-from of_face.train.steps import FCJob, GraphStep, StepOptions, StepParts, StepperState, TrainGraph
+from of_face.train.steps import FCJob, StepOptions, StepParts, StepperState, TrainGraph
 
 
 class _HeadGraph(nn.Graph):
@@ -120,16 +120,15 @@ class BackboneGraph(TrainGraph):
         return link
 
 
-class StreamStep(GraphStep):
-    """GraphStep for K > 1 chunks (see the module docstring)."""
+class StreamStep(AmpSparseStep):
+    """The step for K > 1 chunks (see the module docstring); from AmpSparseStep it takes the FC's
+    own job: its update count, the loss scaler's skip decision and the state it saves."""
 
     def __init__(self, parts: StepParts, options: StepOptions):
         if options.accum_steps > 1:
             raise ValueError("Loss.fc_chunks > 1 does not combine with Optimizer.accum_steps > 1")
         trains_backbone = any(p.requires_grad for p in parts.backbone.parameters())
         self.plan = ChunkPlan.of(parts.head, options.fc_chunks, embedding_grad=trains_backbone)
-        self.fc_updates = 0  # FC steps taken (AMP-skipped steps excluded): sparse AdamW's t
-        self._scale = float(options.init_scale)
         super().__init__(parts, options)
 
     def _jobs(self) -> Tuple[Optional[TrainGraph], FCJob, Optional[SparseAdamCorrection]]:
@@ -174,47 +173,21 @@ class StreamStep(GraphStep):
         self.steps_done += 1
         if self.graph is not None:
             self.graph(images, d_emb[0])
-        if not self._backbone_kept(loss):
+        if not self._scaler_kept(loss):
             return loss  # AMP skipped the backbone's step on every rank: so does the FC
         for c, cut in enumerate(chunks):
             self.fc_job.set_step(step)
             self.update_graph(stats[c][0], r[c], prep.xs, b, prep.positions[cut], prep.slot, prep.owner,
                               self._offsets[c])
-        self.fc_updates += 1
-        if self.correction is not None:
-            self.correction.after_compiled_step(head.weight, self.fc_job.moments(), prep.kept, step, self.fc_updates)
+        self._fc_updated(prep.kept, step)
         return loss
 
-    def _backbone_kept(self, loss: flow.Tensor) -> bool:
-        """Without AMP always; under AMP, whether the loss is finite and the scale did not drop."""
-        if not self.options.amp or self.graph is None:
-            return True
-        scale = self.loss_scale()
-        dropped = scale is not None and scale < self._scale
-        self._scale = scale if scale is not None else self._scale
-        finite = bool(np.isfinite(parallel.to_numpy(loss)).all())
-        return parallel.all_ok(finite and not dropped)
+    def _scaler_kept(self, loss: flow.Tensor) -> bool:
+        """Without AMP (or a backbone) always; under AMP, AmpSparseStep's answer."""
+        return not self.options.amp or self.graph is None or super()._scaler_kept(loss)
+
+    def _updates_missing(self, state: StepperState) -> int:
+        return self.steps_done  # a single-job stepper's: one FC update per optimizer step
 
     def loss_scale(self) -> Optional[float]:
         return super().loss_scale() if self.graph is not None else None
-
-    def state_dict(self) -> StepperState:
-        state = super().state_dict() if self.graph is not None else StepperState(step=self.steps_done)
-        state.slots.update(self.fc_job.slots())
-        state.variables["fc_updates"] = np.array([self.fc_updates], np.int64)
-        return state
-
-    def load_state_dict(self, state: StepperState) -> None:
-        fc_slots = {k: v for k, v in state.slots.items() if k[0] == "head.weight"}
-        rest = StepperState({k: v for k, v in state.slots.items() if k[0] != "head.weight"},
-                            {k: v for k, v in state.variables.items() if k != "fc_updates"},
-                            state.step, state.scheduler)
-        if self.graph is not None:
-            super().load_state_dict(rest)
-        self.steps_done = int(state.step)
-        if "fc_updates" in state.variables:
-            self.fc_updates = int(np.asarray(state.variables["fc_updates"]).reshape(-1)[0])
-        else:
-            self.fc_updates = self.steps_done
-        if fc_slots:
-            self.fc_job.load_slots(fc_slots)
