@@ -31,8 +31,7 @@ class EagerStep:
         self.steps_done = 0  # optimizer steps taken: picks the sampling noise (set on resume)
         self.plan = None
         if options.fc_chunks > 1:
-            trains_backbone = any(p.requires_grad for p in parts.backbone.parameters())
-            self.plan = streamed.ChunkPlan.of(parts.head, options.fc_chunks, embedding_grad=trains_backbone)
+            self.plan = streamed.ChunkPlan.of(parts.head, options.fc_chunks, embedding_grad=parts.trains_backbone)
 
     def __call__(self, images: flow.Tensor, labels: flow.Tensor) -> flow.Tensor:
         backbone, head, optimizer = self.parts.backbone, self.parts.head, self.parts.optimizer

@@ -60,6 +60,11 @@ class StepParts:
     optimizer: Optional[flow.optim.Optimizer]
     scheduler: Optional[LRScheduler]
 
+    @property
+    def trains_backbone(self) -> bool:
+        """Whether a backbone parameter trains (else nothing needs the embeddings' gradient)."""
+        return any(p.requires_grad for p in self.backbone.parameters())
+
 
 @dataclass(frozen=True)
 class StepOptions:

@@ -127,8 +127,7 @@ class StreamStep(AmpSparseStep):
     def __init__(self, parts: StepParts, options: StepOptions):
         if options.accum_steps > 1:
             raise ValueError("Loss.fc_chunks > 1 does not combine with Optimizer.accum_steps > 1")
-        trains_backbone = any(p.requires_grad for p in parts.backbone.parameters())
-        self.plan = ChunkPlan.of(parts.head, options.fc_chunks, embedding_grad=trains_backbone)
+        self.plan = ChunkPlan.of(parts.head, options.fc_chunks, embedding_grad=parts.trains_backbone)
         super().__init__(parts, options)
 
     def _jobs(self) -> Tuple[Optional[TrainGraph], FCJob, Optional[SparseAdamCorrection]]:

@@ -130,8 +130,7 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
     optimizer = build_optimizer(cfg.Optimizer, backbone, head)
     scheduler = build_scheduler(optimizer, total, warmup, cfg.LRScheduler.power)
     parts = StepParts(backbone, head, optimizer, scheduler)
-    trains = any(p.requires_grad for p in backbone.parameters())
-    options = replace(StepOptions.from_config(cfg), fc_chunks=fc_chunks(cfg, head, plan, trains))
+    options = replace(StepOptions.from_config(cfg), fc_chunks=fc_chunks(cfg, head, plan, parts.trains_backbone))
     step = stepper_class(cfg, head, options)(parts, options)
     return TrainingSystem(backbone, head, optimizer, scheduler, step, plan, total, warmup)
 
@@ -150,10 +149,10 @@ def fc_chunks(cfg: Config, head: PartialFC, plan: BatchPlan, trains_backbone: bo
     return int(chunks)
 
 
-def stepper_class(cfg: Config, head: PartialFC, options: Optional[StepOptions] = None) -> StepperClass:
+def stepper_class(cfg: Config, head: PartialFC, options: StepOptions) -> StepperClass:
     """The stepper of `Global.mode`; the FC streamed in chunks in graph mode: StreamStep; under
     AMP with sparse FC updates, AmpSparseStep (the FC's sparse update outside the loss-scaled graph)."""
-    if cfg.Global.mode == "graph" and options is not None and options.fc_chunks > 1:
+    if cfg.Global.mode == "graph" and options.fc_chunks > 1:
         return StreamStep
     if cfg.Global.mode == "graph" and cfg.AMP.enable and head.sparse_update:
         return AmpSparseStep
