@@ -108,7 +108,7 @@ def prepare(head: PartialFC, plan: ChunkPlan, embeddings, labels, noise) -> Prep
     if plan.col_bias:
         index = flow.arange(plan.padded, dtype=flow.int64, placement=kept.placement, sbp=parallel.SBP_GATHERED)
         bias = (index >= k).to(flow.float32) * PAD_LOGIT  # [padded] broadcast
-        bias = parallel.own_split(bias.unsqueeze(0).repeat(head.world, 1), 0)  # [world, padded] split(0)
+        bias = parallel.per_rank(bias)  # [world, padded] split(0)
         if head.pad_bias is not None:
             pad = flow.index_select(head.pad_bias, 0, positions)  # [padded, world, 1] split(1)
             bias = bias + flow.transpose(pad, 0, 1).reshape(head.world, plan.padded)
@@ -122,7 +122,7 @@ def _label_marks(plan: ChunkPlan, world: int, slot, owner, offset):
     inside = flow.logical_and(at >= 0, at < plan.size)
     own = F.one_hot(owner, world).to(flow.float32).transpose(0, 1)  # [world, N]
     marks = parallel.own_split(own * inside.to(flow.float32).unsqueeze(0), 0)
-    where = parallel.own_split((at.clamp(0, plan.size - 1) * inside.to(flow.int64)).unsqueeze(0).repeat(world, 1), 0)
+    where = parallel.per_rank(at.clamp(0, plan.size - 1) * inside.to(flow.int64))
     return marks, where
 
 
@@ -210,7 +210,7 @@ def chunk_update_link(head: PartialFC, plan: ChunkPlan, p, r, xs, b, positions, 
     if head.row_decay:  # d/d rows = row_decay * rows on real columns (not the last chunk's padding)
         real = (offset + flow.arange(plan.size, dtype=flow.int64, placement=offset.placement,
                                      sbp=parallel.SBP_GATHERED)) < plan.kept
-        along = along - head.row_decay * parallel.own_split(real.to(flow.float32).unsqueeze(0).repeat(head.world, 1), 0)
+        along = along - head.row_decay * parallel.per_rank(real.to(flow.float32))
     grad = g * _rows(inv, g) - w * _rows(along, w)
     # <rows, grad> as one dot product: its backward hands the rows `grad` through a K = 1 matmul
     # (a .sum() would broadcast its scalar gradient over [k_c, D], 4x slower, then multiply)
