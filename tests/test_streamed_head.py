@@ -13,7 +13,7 @@ last chunk) and the tests read its record:
 3. with an LR that changes every step, K = 4 equals K = 1, and the LR applied at each step is
    `lr_at` of the optimizer step (not of the count of chunk calls);
 4. a checkpoint at step 2 of a K = 4 run resumed at K = 2 equals the uninterrupted K = 4 run;
-5. the config errors: K > 1 without sparse FC updates, K not an integer >= 1.
+5. the config errors: K > 1 without sparse FC updates, K not an integer >= 1, K > 1 on CUDA.
 """
 import numpy as np
 import pytest
@@ -169,7 +169,7 @@ def test_each_job_is_compiled_once(record):
     streamed = {name: run for name, run in record["runs"].items() if run["stepper"] == "StreamStep"}
     assert len(streamed) == 7  # graph K = 3, 4 x sgd, adamw; lr=warm K = 4 x sgd, adamw; bb=lin K = 3
     for name, run in streamed.items():
-        jobs = ["PrepareGraph", "StatsGraph", "FinishGraph", "UpdateGraph"]
+        jobs = ["PrepareGraph", "StatsGraph", "FinishGraph", "GradGraph"]
         if "bb=lin" in name:
             jobs = ["ForwardGraph", *jobs[:3], "BackboneGraph", jobs[3]]
         assert run["graphs"] == [[job, 1] for job in jobs], name
@@ -213,10 +213,10 @@ def applied_lr(run, t):
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_schedule_counts_optimizer_steps_not_chunk_calls(record, optimizer):
-    """Warm-up 1 step, then power 2: LR 0, 0.1, 0.044. Were UpdateGraph's step counter left to
-    count its calls (4 a step at K = 4), steps 2 and 3 would run at LR(4..11) = 0; were it set
-    once a step, not before each chunk, step 3's chunks would run at LR(2..5) = 0.044, 0.011, 0, 0.
-    Both fail here (checked by making those changes to train/streamed_step.py)."""
+    """Warm-up 1 step, then power 2: LR 0, 0.1, 0.044. Were the FC's LR taken at the count of
+    chunk calls (4 a step at K = 4), steps 2 and 3 would run at LR(4..11) = 0; were it taken at
+    the chunk's index within the step, step 3's chunks would run at LR(2..5) = 0.044, 0.011, 0, 0.
+    Both fail here."""
     lrs = [lr_at(t) for t in range(STEPS)]
     assert lrs == pytest.approx([0.0, 0.1, 0.1 * (2 / 3) ** 2])  # (lr_at is of_face's formula)
     one, four = (record["runs"][spec("graph", optimizer, k, lr="warm", **extra)]
@@ -270,6 +270,24 @@ def test_chunks_need_sparse_updates(override):
         build(cfg, 61, backbone=flow.nn.Identity(), total_steps=3, warmup_steps=0)
     assert str(e.value).startswith("Loss.fc_chunks: 3 chunks")
     assert "Optimizer.sparse_fc_update=true" in str(e.value) and "Loss.sample_rate < 1" in str(e.value)
+
+
+@pytest.mark.parametrize("chunks, expected", [(3, None), ("auto", 1), (1, 1)])
+def test_chunks_are_cpu_only(chunks, expected):
+    """On CUDA OneFlow reuses a compiled job's memory and the host cannot write the rows in place
+    (train/fc_rows.py): an integer K > 1 is refused naming the device, auto takes 1. (No GPU
+    here: the head's placement type is what system.fc_chunks reads, so a stand-in carries it.)"""
+    from types import SimpleNamespace
+    from of_face.config import ConfigError, load_config
+    from of_face.train.system import fc_chunks
+
+    cfg = load_config(None, ["Loss.sample_rate=0.3", f"Loss.fc_chunks={chunks}"])
+    head = SimpleNamespace(weight=SimpleNamespace(placement=SimpleNamespace(type="cuda")), sparse_update=True)
+    if expected is None:
+        with pytest.raises(ConfigError, match=r"^Loss\.fc_chunks: 3 chunks stream the FC on CPU only \(on cuda"):
+            fc_chunks(cfg, head, None)
+    else:
+        assert fc_chunks(cfg, head, None) == expected
 
 
 @pytest.mark.parametrize("value", ["0", "abc", "-2", "2.5"])

@@ -12,7 +12,7 @@ c = ceil(k / K) columns (heads/streamed.py's ChunkPlan), N the global (micro-)ba
 embedding size, w ranks; pad = 1 when the classes are padded to a multiple of w (the head then
 carries a -1e4 column bias), decay = 1 for sparse SGD with weight decay (the kept rows' penalty):
 
-    term       K = 1 (GraphStep: one job)        K > 1 (StreamStep: prepare, stats xK, finish, update xK)
+    term       K = 1 (GraphStep: one job)        K > 1 (StreamStep: prepare, stats xK, finish, grad xK)
     process    BASE (Python, OneFlow, runtime; fitted, see below)      the same + JOB_BASE per extra job
     weight     4 L D                              4 L D
     slots      4 L D x slots (SGD momentum 1, none 0, AdamW 2)
@@ -31,9 +31,12 @@ The integer coefficients are counts of buffers, read from the compiled jobs
 scratch: a CPU reduce_sum/reduce_max takes a scratch buffer as large as its input), 25 with the
 padding bias; 8 [k, D] buffers (the kept rows, their normalisation and gradient), 13 with SGD's row
 penalty. At K > 1 per chunk: StatsGraph's 6 [N, c] buffers (matmul, label scatter, softmax, its
-output copy, two row-max scratches) plus nn.Graph's 2 eager output buffers, UpdateGraph's input
+output copy, two row-max scratches) plus nn.Graph's 2 eager output buffers, the grad job's input
 copy of p and, outside the jobs, the K chunks' p kept between passes (4 N k in all); StatsGraph's
-3 and UpdateGraph's 18 [c, D] buffers. `batch` sums the [N, D] buffers (each job's embeddings,
+3 and the update's 18 [c, D] buffers. (Counted when OneFlow's optimizer updated the rows in a
+compiled job; GradGraph and the host update of train/fc_rows.py hold fewer. Not recounted: the
+formula now overstates K > 1 a little, 1.7 to 3.8 % of the peak measured at 1M classes,
+512-d K = 19 and 128-d K = 4, 8: docs/BENCHMARKS.md P2e.) `batch` sums the [N, D] buffers (each job's embeddings,
 their gradient, FinishGraph's [K, w, N, D] inputs and the eager copies of p @ wn); `vectors` the
 [k] and [c] index and per-column vectors. What the formula leaves out (terms in N alone, a few MiB)
 and what it cannot count (OneFlow's runtime, thread stacks, allocator slack) is in BASE and

@@ -19,22 +19,25 @@ them all. The loss is exact over all chunks and ranks:
    the loss mean(LSE - target), each chunk's row weight r = exp(lse - LSE) / N (so that the
    gradient of the chunk's columns is r * p), the label column's gradient b = (p_t - 1) * slope
    / N, and the embeddings' gradient sum(r * (p @ wn)) + b * label row, through the normalisation.
-4. `chunk_update_link` (per chunk): the rows' gradient p^T (r * xs), plus b * xs on each row's
-   label column, as a link whose derivative autograd takes through the rows' normalisation and
-   `index_select(weight)` into the indexed-slices update (only the chunk's rows and their optimizer
-   state change; the kept rows' SGD decay penalty as in the head).
+4. `chunk_row_grad` (per chunk, compiled): g = d loss / d wn of the chunk's normalised rows, one
+   matmul (r p + b at each row's label column)^T xs. The rows' own gradient goes through the
+   normalisation (`rows_gradient`, g / |w| - w <w, g> / |w|^3, plus sparse SGD's penalty on the
+   kept rows) where the rows are updated: on the host, in each rank's own shard (train/fc_rows.py),
+   so only the chunk's rows and their optimizer state change. Eager mode takes the same g through
+   autograd instead (`row_grad_link`).
 
 Only [N]-sized vectors and [N, D] matrices cross ranks. The chunks' p are kept between passes
 (one [N, k] float32 per rank, the size of ONE logits tensor of the single compiled step), so the
 cosine matmul runs once: the matmuls are those of K = 1 (p @ wn only when a backbone trains from
 the embeddings' gradient; with nothing upstream, as the FC benches' identity backbone, it is
 skipped, as autograd skips it at K = 1). The last chunk is padded with its own first position (a
-duplicate within one chunk, whose column gets the -1e4 bias and no decay: its row's gradient and
-update are the real column's; the indexed-slices update sums duplicate indices first).
+duplicate within one chunk, whose column gets the -1e4 bias: p = 0 there, so its g row is 0; the
+update leaves the padding out).
 """
 import math
 from typing import Any, NamedTuple, Optional
 
+import numpy as np
 import oneflow as flow
 import oneflow.nn.functional as F
 
@@ -135,14 +138,6 @@ def _rows(v, like):
     return flow.matmul(v.unsqueeze(-1).to(like.dtype), ones)
 
 
-def _row_sums(a):
-    """a [..., M, D] -> [..., M], summed over the last axis as a product with a ones column
-    (faster than OneFlow 0.9's CPU reduce over the last axis)."""
-    shape = tuple(a.shape[:-2]) + (a.shape[-1], 1)
-    ones = functional.global_constant(shape, 1.0, dtype=a.dtype, placement=a.placement, sbp=a.sbp)
-    return flow.matmul(a, ones).squeeze(-1)
-
-
 def _chunk_rows(head: PartialFC, positions):
     """The chunk's rows [world, k_c, D] split(0) (an index_select that reads the variable) and
     their normalisation."""
@@ -190,28 +185,34 @@ def finish(head: PartialFC, prepared: Prepared, lse, p_wn, embeddings):
     return loss, r_own, b, parallel.split_like(d_x, embeddings)
 
 
-def chunk_update_link(head: PartialFC, plan: ChunkPlan, p, r, xs, b, positions, slot, owner, offset):
-    """One chunk (module docstring, 4): a scalar whose gradient w.r.t. the FC weight is the
-    chunk's rows' gradient (and the kept rows' decay). p [world, N, k_c], r [world, N] split(0).
-
-    The gradient through the rows' normalisation is written out, not left to autograd (OneFlow's
-    l2_normalize_grad is slow on CPU): for wn = w / |w| and d loss / d wn = g,
-    d loss / d w = g / |w| - w <w, g> / |w|^3 (g / eps alone below F.normalize's eps)."""
-    rows = flow.transpose(flow.index_select(head.weight, 0, positions), 0, 1)  # reads the variable
-    w = rows.detach()
-    xr = parallel.per_rank(xs)
-    g = flow.matmul(p, xr * _rows(r, xr), transpose_a=True)  # [world, k_c, D] d loss / d wn
+def chunk_row_grad(head: PartialFC, plan: ChunkPlan, p, r, xs, b, slot, owner, offset):
+    """One chunk (module docstring, 4) -> g [world, k_c, D] split(0), d loss / d wn of the chunk's
+    normalised rows: q^T xs with q = r p plus b at each row's label column. p [world, N, k_c],
+    r [world, N] split(0). The row weights and the label terms ride on the [N, k_c] side of the
+    one matmul (cheaper than on [k_c, D])."""
+    q = p * _rows(r, p)
     marks, where = _label_marks(plan, head.world, slot, owner, offset)
-    src = xr * _rows(marks * b.unsqueeze(0), xr)
-    g = flow.scatter_add(g, 1, where.unsqueeze(2).repeat(1, 1, xs.shape[1]), src)
-    norm = flow.sqrt(_row_sums(w * w))
-    inv = 1.0 / norm.clamp(min=NORM_EPS)
-    along = _row_sums(w * g) * inv * inv * inv * (norm >= NORM_EPS).to(flow.float32)
-    if head.row_decay:  # d/d rows = row_decay * rows on real columns (not the last chunk's padding)
+    q = flow.scatter_add(q, 2, where.unsqueeze(2), (marks * b.unsqueeze(0)).unsqueeze(2))
+    return flow.matmul(q, parallel.per_rank(xs), transpose_a=True)
+
+
+def rows_gradient(w: np.ndarray, g: np.ndarray, decay: float) -> np.ndarray:
+    """d loss / d w of rows w [n, D] (float32) from g = d loss / d (w / |w|), plus SGD's row
+    penalty decay * w: g / |w| - w <w, g> / |w|^3 (g / eps alone below F.normalize's eps), the
+    chain rule of F.normalize written out (module docstring, 4)."""
+    norm = np.sqrt(np.einsum("ij,ij->i", w, w))
+    inv = 1.0 / np.maximum(norm, NORM_EPS)
+    along = np.einsum("ij,ij->i", w, g) * inv * inv * inv * (norm >= NORM_EPS) - np.float32(decay)
+    return g * inv[:, None] - w * along[:, None]
+
+
+def row_grad_link(head: PartialFC, plan: ChunkPlan, g, positions, offset):
+    """Eager mode's form of 4: a scalar whose gradient w.r.t. the FC weight is the chunk's rows'
+    (g through F.normalize's autograd, as at K = 1) and the kept rows' penalty on real columns."""
+    rows = flow.transpose(flow.index_select(head.weight, 0, positions), 0, 1)  # [world, k_c, D]
+    link = (F.normalize(rows, dim=2) * g).sum()
+    if head.row_decay:  # not on the last chunk's padding (a duplicate of a real column)
         real = (offset + flow.arange(plan.size, dtype=flow.int64, placement=offset.placement,
                                      sbp=parallel.SBP_GATHERED)) < plan.kept
-        along = along - head.row_decay * parallel.per_rank(real.to(flow.float32))
-    grad = g * _rows(inv, g) - w * _rows(along, w)
-    # <rows, grad> as one dot product: its backward hands the rows `grad` through a K = 1 matmul
-    # (a .sum() would broadcast its scalar gradient over [k_c, D], 4x slower, then multiply)
-    return flow.matmul(rows.reshape(1, -1), grad.reshape(-1, 1)).sum()
+        link = link + 0.5 * head.row_decay * ((rows * rows).sum(dim=2) * parallel.per_rank(real.to(flow.float32))).sum()
+    return link

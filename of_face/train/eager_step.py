@@ -69,7 +69,7 @@ class EagerStep:
     def _streamed(self, emb: flow.Tensor, labels: flow.Tensor, noise: flow.Tensor) -> HeadOutput:
         """The head in chunks (heads/streamed.py), eagerly: the same passes as StreamStep's jobs;
         the backbone's backward runs from the embeddings' gradient, and each chunk's link adds
-        its rows' gradient to the FC weight's."""
+        its rows' gradient to the FC weight's (autograd through the rows' normalisation)."""
         head, plan = self.parts.head, self.plan
         with flow.no_grad():
             prep = streamed.prepare(head, plan, emb.detach(), labels, noise)
@@ -84,8 +84,9 @@ class EagerStep:
         if d_emb and emb.requires_grad:
             emb.backward(d_emb[0])
         for c, (cut, off) in enumerate(zip(cuts, offsets)):
-            streamed.chunk_update_link(head, plan, stats[c][0], r[c], prep.xs, b, prep.positions[cut],
-                                       prep.slot, prep.owner, off).backward()
+            with flow.no_grad():
+                g = streamed.chunk_row_grad(head, plan, stats[c][0], r[c], prep.xs, b, prep.slot, prep.owner, off)
+            streamed.row_grad_link(head, plan, g, prep.positions[cut], off).backward()
         return HeadOutput(loss, loss, prep.kept)
 
     def loss_scale(self) -> Optional[float]:

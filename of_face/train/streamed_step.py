@@ -9,14 +9,15 @@ one chunk and reused by every call:
     StatsGraph     x K: one chunk's softmax, log-sum-exp and p @ wn
     FinishGraph    loss, chunk row weights, d loss / d embeddings
     BackboneGraph  images, d embeddings -> the backbone's update (forward recomputed)
-    UpdateGraph    x K: one chunk's rows' gradient and their indexed-slices update
+    GradGraph      x K: one chunk's d loss / d wn of its rows; after each call the host updates
+                   the chunk's rows and their optimizer state in its own shard (train/fc_rows.py)
 
 What the split costs: the backbone's forward runs twice (its activations cannot live from one
 job to the next); BatchNorm's running statistics are updated by the first forward only (the
 recomputed one is traced with momentum 0; its `num_batches_tracked` counts both, which nothing
-reads at a fixed momentum). The FC's optimizer lives in UpdateGraph, whose step
-counter is set to the optimizer step before each chunk call, so the LR schedule (and sparse
-AdamW's bias correction, train/optim.py) count optimizer steps, not chunk calls. Under AMP the
+reads at a fixed momentum). The FC's optimizer (train/fc_rows.py) takes the LR schedule's value
+at the optimizer step and sparse AdamW's bias correction at the FC updates made, so both count
+optimizer steps, not chunk calls. Under AMP the
 two backbone jobs run FP16 with the dynamic loss scale in BackboneGraph, the head runs FP32, and
 the FC is updated only when the backbone's step was kept (as train/amp_sparse.py).
 """
@@ -30,9 +31,10 @@ import oneflow.nn as nn
 from of_face import parallel
 from of_face.heads import streamed
 from of_face.heads.streamed import ChunkPlan, Prepared
-from of_face.train.amp_sparse import AmpSparseStep, FCUpdateGraph, split_optimizer
-from of_face.train.optim import SparseAdamCorrection
-from of_face.train.steps import FCJob, StepOptions, StepParts, StepperState, TrainGraph
+from of_face.oneflow_compat import sync
+from of_face.train.amp_sparse import AmpSparseStep, split_optimizer
+from of_face.train.fc_rows import RowOptimizer
+from of_face.train.steps import StepOptions, StepParts, StepperState, TrainGraph
 
 
 class _HeadGraph(nn.Graph):
@@ -62,18 +64,12 @@ class FinishGraph(_HeadGraph):
         return streamed.finish(self.head, prepared, lse, p_wn, embeddings)
 
 
-class UpdateGraph(FCUpdateGraph):
-    """One chunk's rows' gradient and their indexed-slices update (the FC's optimizer)."""
+class GradGraph(_HeadGraph):
+    """One chunk's d loss / d wn of its rows (the host updates the rows: train/fc_rows.py)."""
 
-    def __init__(self, head: nn.Module, optimizer, scheduler, plan: ChunkPlan):
-        super().__init__(head, optimizer, scheduler)
-        self.plan, self.builds = plan, 0
-
-    def build(self, p, r, xs, b, positions, slot, owner, offset):
+    def build(self, p, r, xs, b, slot, owner, offset):
         self.builds += 1
-        link = streamed.chunk_update_link(self.head, self.plan, p, r, xs, b, positions, slot, owner, offset)
-        link.backward()
-        return link
+        return streamed.chunk_row_grad(self.head, self.plan, p, r, xs, b, slot, owner, offset)
 
 
 class ForwardGraph(nn.Graph):
@@ -130,14 +126,13 @@ class StreamStep(AmpSparseStep):
         self.plan = ChunkPlan.of(parts.head, options.fc_chunks, embedding_grad=parts.trains_backbone)
         super().__init__(parts, options)
 
-    def _jobs(self) -> Tuple[Optional[TrainGraph], FCJob, Optional[SparseAdamCorrection]]:
+    def _jobs(self) -> Tuple[Optional[TrainGraph], RowOptimizer, None]:
         parts, plan = self.parts, self.plan
-        (opt1, sch1), (opt2, sch2) = split_optimizer(parts.optimizer, parts.scheduler, parts.head)
-        correction = SparseAdamCorrection.of(opt2, parts.scheduler)
+        (opt1, sch1), _ = split_optimizer(parts.optimizer, parts.scheduler, parts.head)
         self.prepare_graph = PrepareGraph(parts.head, plan)
         self.stats_graph = StatsGraph(parts.head, plan)
         self.finish_graph = FinishGraph(parts.head, plan)
-        self.update_graph = UpdateGraph(parts.head, opt2, sch2, plan)
+        self.grad_graph = GradGraph(parts.head, plan)
         self.forward_graph, graph = None, None
         if opt1 is not None:  # (an identity backbone, as the FC benches use, has nothing to run)
             self.forward_graph = ForwardGraph(parts.backbone, self.options.amp)
@@ -145,12 +140,14 @@ class StreamStep(AmpSparseStep):
         size = plan.size
         self._offsets = [parallel.broadcast_array(np.array([c * size], np.int64), self.placement)
                          for c in range(plan.chunks)]
-        return graph, FCJob(self.update_graph, self.placement), correction
+        # the FC's optimizer, in place of AmpSparseStep's FC job (its slots are the state saved);
+        # its bias correction is its own (no SparseAdamCorrection)
+        return graph, RowOptimizer(parts.head, parts.optimizer, parts.scheduler), None
 
     @property
     def graphs(self) -> List[nn.Graph]:
         return [g for g in (self.forward_graph, self.prepare_graph, self.stats_graph, self.finish_graph,
-                            self.graph, self.update_graph) if g is not None]
+                            self.graph, self.grad_graph) if g is not None]
 
     def __call__(self, images: flow.Tensor, labels: flow.Tensor) -> flow.Tensor:
         head, plan = self.parts.head, self.plan
@@ -174,10 +171,13 @@ class StreamStep(AmpSparseStep):
             self.graph(images, d_emb[0])
         if not self._scaler_kept(loss):
             return loss  # AMP skipped the backbone's step on every rank: so does the FC
+        sync()  # every queued write to the FC (a resumed or copied-in weight) is done
+        positions = prep.positions.to_local().numpy()  # the same on every rank: local rows
         for c, cut in enumerate(chunks):
-            self.fc_job.set_step(step)
-            self.update_graph(stats[c][0], r[c], prep.xs, b, prep.positions[cut], prep.slot, prep.owner,
-                              self._offsets[c])
+            g = self.grad_graph(stats[c][0], r[c], prep.xs, b, prep.slot, prep.owner, self._offsets[c])
+            real = min(plan.size, plan.kept - c * plan.size)  # (the last chunk's padding left out)
+            rows = g.to_local().numpy().reshape(plan.size, -1)[:real]  # waits for the job
+            self.fc_job.apply(positions[cut][:real], rows, step, self.fc_updates + 1)
         self._fc_updated(prep.kept, step)
         return loss
 

@@ -108,6 +108,8 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
     total_steps / warmup_steps default to the config's epochs (or max_steps) and warm-up epochs
     over `steps_per_epoch`; callers without a data set (benches, test workers) pass them.
     """
+    if cfg.Global.pin_cpus and cfg.Global.device != "cuda" and parallel.device_type(cfg.Global.device) == "cpu":
+        parallel.pin_local_cpus()  # before any job is compiled: its threads inherit the block
     plan = BatchPlan.from_config(cfg, steps_per_epoch)
     total, warmup = schedule_length(cfg, steps_per_epoch)
     total = total if total_steps is None else total_steps
@@ -138,6 +140,13 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
 def fc_chunks(cfg: Config, head: PartialFC, plan: BatchPlan, trains_backbone: bool = True) -> int:
     """The K of `Loss.fc_chunks` for this head (auto: heads/memory.py's choice)."""
     chunks = cfg.Loss.fc_chunks
+    device = head.weight.placement.type
+    if device != "cpu":  # streaming answers OneFlow's CPU memory planning; its row update is the host's
+        if chunks == "auto":
+            return 1
+        if chunks > 1:
+            raise ConfigError(f"Loss.fc_chunks: {chunks} chunks stream the FC on CPU only (on {device} "
+                              f"OneFlow reuses a compiled job's memory); expected 1 or auto")
     if chunks == "auto":
         try:
             return choose_chunks(cfg, head, plan.micro_global, trains_backbone).chunks
