@@ -46,6 +46,9 @@ class GlobalCfg:
     # npz (one file, rank 0) | sharded (every rank its FC rows: run/shards.py) | auto (sharded once
     # the FC weight reaches SHARDED_FROM_BYTES: at millions of classes one file on rank 0 does not scale)
     checkpoint_format: str = "auto"
+    # CPU runs with several ranks on one machine: each rank's threads keep to its own block of the
+    # CPUs (parallel.pin_local_cpus; docs/BENCHMARKS.md P2e). false: leave them to the OS
+    pin_cpus: bool = True
 
     def check(self) -> None:
         _choice("Global.mode", self.mode, ("graph", "eager"))
