@@ -142,8 +142,12 @@ def _agree(error: Optional[OSError], path: str, partial: Optional[str] = None) -
     codes = parallel.all_gather_int(0 if error is None else (error.errno or -1))
     if not codes.any():
         return
-    if partial and parallel.rank() == 0:  # a sharded save's folder: never becomes a checkpoint
-        shutil.rmtree(partial, ignore_errors=True)
+    if partial:  # a sharded save's folder: never becomes a checkpoint
+        if parallel.rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        # no rank raises before it is gone: a rank that exits first has the launcher kill the
+        # others, rank 0 in the middle of the removal (seen once ranks were pinned to their CPUs)
+        parallel.barrier()
     r = int(np.flatnonzero(codes)[0])
     why = (os.strerror(codes[r]) if codes[r] > 0 else "write error") + (f" on rank {r}" if r else "")
     raise CheckpointWriteError(f"could not write checkpoint {path} ({why})")
