@@ -4,7 +4,7 @@
 
 FC_CHUNKS (an integer K or auto; default 1) and FC_MEMORY_GIB (auto's per-rank budget; default:
 the config's) stream the head in K class chunks (heads/streamed.py), so one command measures any K.
-FC_OPTIMIZER: sgd (default, momentum 0.9) or adamw. Each JSON line also carries the K run and
+FC_OPTIMIZER: sgd (default, momentum 0.9) or adamw. FC_PIN_CPUS: Global.pin_cpus (default true here). Each JSON line also carries the K run and
 heads/memory.py's predicted peak per rank for it (docs/BENCHMARKS.md, P2d, compares the two).
 FC_TALLY=1: rank 0 also prints, per compiled job, its buffers as bytes per element of the formula's
 shapes (heads/memory.py `coefficients`: where its integer coefficients come from).
@@ -44,6 +44,7 @@ cfg = load_config(None, [
     "Optimizer.momentum=0.9", "Optimizer.weight_decay=5e-4", f"Optimizer.sparse_fc_update={str(sparse).lower()}",
     f"Data.batch_size={batch // parallel.world_size()}", "LRScheduler.power=0",  # constant LR
     f"Loss.fc_chunks={chunks}", f"Loss.fc_memory_gib={memory}",
+    f"Global.pin_cpus={os.environ.get('FC_PIN_CPUS', 'true')}",  # the FC-bound setting (docs/BENCHMARKS.md P2e)
 ])
 system = build(cfg, classes, backbone=flow.nn.Identity(), total_steps=2 + steps, warmup_steps=0)
 head, step = system.head, system.step

@@ -47,8 +47,9 @@ class GlobalCfg:
     # the FC weight reaches SHARDED_FROM_BYTES: at millions of classes one file on rank 0 does not scale)
     checkpoint_format: str = "auto"
     # CPU runs with several ranks on one machine: each rank's threads keep to its own block of the
-    # CPUs (parallel.pin_local_cpus; docs/BENCHMARKS.md P2e). false: leave them to the OS
-    pin_cpus: bool = True
+    # CPUs (parallel.pin_local_cpus). Faster for a large FC, slower for small runs that load data
+    # and compile (docs/BENCHMARKS.md P2e), so off unless asked for
+    pin_cpus: bool = False
 
     def check(self) -> None:
         _choice("Global.mode", self.mode, ("graph", "eager"))
