@@ -4,7 +4,8 @@
 
 FC_CHUNKS (an integer K or auto; default 1) and FC_MEMORY_GIB (auto's per-rank budget; default:
 the config's) stream the head in K class chunks (heads/streamed.py), so one command measures any K.
-FC_OPTIMIZER: sgd (default, momentum 0.9) or adamw. FC_PIN_CPUS: Global.pin_cpus (default true here). Each JSON line also carries the K run and
+FC_OPTIMIZER: sgd (default, momentum 0.9) or adamw. FC_PIN_CPUS: Global.pin_cpus (default true here).
+Each JSON line also carries the K run and
 heads/memory.py's predicted peak per rank for it (docs/BENCHMARKS.md, P2d, compares the two).
 FC_TALLY=1: rank 0 also prints, per compiled job, its buffers as bytes per element of the formula's
 shapes (heads/memory.py `coefficients`: where its integer coefficients come from).
