@@ -52,8 +52,11 @@ class RowOptimizer:
     def _view(self, name: str, t: flow.Tensor) -> np.ndarray:
         """This rank's shard of `t` as a [local, D] numpy view (it shares the tensor's memory)."""
         if name not in self._views:
-            self._views[name] = t.to_local().numpy().reshape(self.head.local_classes, -1)
+            self._views[name] = self._shard(t)
         return self._views[name]
+
+    def _shard(self, t: flow.Tensor) -> np.ndarray:
+        return t.to_local().numpy().reshape(self.head.local_classes, -1)
 
     def apply(self, idx: np.ndarray, g: np.ndarray, step: int, updates: int) -> None:
         """Update local rows `idx` (distinct) from g [len(idx), D] = d loss / d wn, with the LR
@@ -98,4 +101,4 @@ class RowOptimizer:
         """Copy a checkpoint's slots (tensors placed like the weight) into this optimizer's."""
         for (_, name), t in slots.items():
             if name in self._slots:
-                self._view(name, self._slots[name])[...] = t.to_local().numpy().reshape(self.head.local_classes, -1)
+                self._view(name, self._slots[name])[...] = self._shard(t)

@@ -108,8 +108,6 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
     total_steps / warmup_steps default to the config's epochs (or max_steps) and warm-up epochs
     over `steps_per_epoch`; callers without a data set (benches, test workers) pass them.
     """
-    if cfg.Global.pin_cpus and cfg.Global.device != "cuda" and parallel.device_type(cfg.Global.device) == "cpu":
-        parallel.pin_local_cpus()  # before any job is compiled: its threads inherit the block
     plan = BatchPlan.from_config(cfg, steps_per_epoch)
     total, warmup = schedule_length(cfg, steps_per_epoch)
     total = total if total_steps is None else total_steps
@@ -129,6 +127,8 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
             raise ConfigError(f"Global.pretrained: {e}") from None
     backbone = parallel.broadcast_module(backbone, cfg.Global.device)
     head = build_head(cfg, num_classes, plan.micro_global)  # sampled per micro-batch
+    if cfg.Global.pin_cpus and head.weight.placement.type == "cpu":
+        parallel.pin_local_cpus()  # before any job is compiled: its threads inherit the block
     optimizer = build_optimizer(cfg.Optimizer, backbone, head)
     scheduler = build_scheduler(optimizer, total, warmup, cfg.LRScheduler.power)
     parts = StepParts(backbone, head, optimizer, scheduler)
