@@ -69,8 +69,10 @@ print(json.dumps({"rank": parallel.rank(), "classes": classes, "rate": rate, "sp
                   "s_per_step": round(seconds, 4), "peak_rss_gib": round(rss, 3),
                   "predicted_gib": round(run.predicted_gib, 3), "budget_gib": round(run.budget_gib, 2), "loss": last}),
       flush=True)
-if os.environ.get("FC_TALLY") == "1" and parallel.rank() == 0:
+if os.environ.get("FC_TALLY") == "1":  # on every rank (rank 0 alone hung the launch at exit), rank 0 prints
     shape = HeadShape.of(cfg, head, batch, embedding_grad=False)
     jobs = getattr(step, "graphs", None) or [step.graph]
     counts = {type(g).__name__: coefficients(g, shape, run.chunks) for g in jobs}
-    print(json.dumps({"tally": {job: {k: round(v, 1) for k, v in c.items()} for job, c in counts.items()}}), flush=True)
+    if parallel.rank() == 0:
+        print(json.dumps({"tally": {job: {k: round(v, 1) for k, v in c.items()} for job, c in counts.items()}}),
+              flush=True)

@@ -19,8 +19,9 @@ them all. The loss is exact over all chunks and ranks:
    the loss mean(LSE - target), each chunk's row weight r = exp(lse - LSE) / N (so that the
    gradient of the chunk's columns is r * p), the label column's gradient b = (p_t - 1) * slope
    / N, and the embeddings' gradient sum(r * (p @ wn)) + b * label row, through the normalisation.
-4. `chunk_row_grad` (per chunk, compiled): g = d loss / d wn of the chunk's normalised rows, one
-   matmul (r p + b at each row's label column)^T xs. The rows' own gradient goes through the
+4. `rows_grad` (per chunk, on the host): g = d loss / d wn of the chunk's normalised rows, one
+   matmul (r p + b at each row's label column)^T xs (`chunk_row_grad` is its OneFlow form, which
+   eager mode runs). The rows' own gradient goes through the
    normalisation (`rows_gradient`, g / |w| - w <w, g> / |w|^3, plus sparse SGD's penalty on the
    kept rows) where the rows are updated: on the host, in each rank's own shard (train/fc_rows.py),
    so only the chunk's rows and their optimizer state change. Eager mode takes the same g through
@@ -194,6 +195,20 @@ def chunk_row_grad(head: PartialFC, plan: ChunkPlan, p, r, xs, b, slot, owner, o
     marks, where = _label_marks(plan, head.world, slot, owner, offset)
     q = flow.scatter_add(q, 2, where.unsqueeze(2), (marks * b.unsqueeze(0)).unsqueeze(2))
     return flow.matmul(q, parallel.per_rank(xs), transpose_a=True)
+
+
+def rows_grad(p: np.ndarray, r: np.ndarray, xs: np.ndarray, b: np.ndarray, slot: np.ndarray, owner: np.ndarray,
+              start: int, rank: int) -> np.ndarray:
+    """`chunk_row_grad` on one rank's block, in numpy (the compiled step's form, train/fc_rows.py):
+    p [N, k_c] this rank's chunk, r [N] its row weights, start the chunk's first slot -> g [k_c, D].
+    q^T xs with q = r p + b at each row's label column is p^T (r xs) plus b xs added at the label
+    rows: the row weights ride on the [N, D] side, and the matmul runs in numpy's BLAS (AVX kernels
+    for this CPU; OneFlow 0.9's bundled OpenBLAS runs Prescott's, 3.7x slower: docs/BENCHMARKS.md)."""
+    g = p.T @ (xs * r[:, None])
+    at = slot - start
+    mine = (owner == rank) & (at >= 0) & (at < p.shape[1])
+    np.add.at(g, at[mine], xs[mine] * b[mine, None])
+    return g
 
 
 def rows_gradient(w: np.ndarray, g: np.ndarray, decay: float) -> np.ndarray:

@@ -9,8 +9,10 @@ one chunk and reused by every call:
     StatsGraph     x K: one chunk's softmax, log-sum-exp and p @ wn
     FinishGraph    loss, chunk row weights, d loss / d embeddings
     BackboneGraph  images, d embeddings -> the backbone's update (forward recomputed)
-    GradGraph      x K: one chunk's d loss / d wn of its rows; after each call the host updates
-                   the chunk's rows and their optimizer state in its own shard (train/fc_rows.py)
+
+then, on the host, per chunk: its rows' d loss / d wn from the chunk's p (heads/streamed.py,
+`rows_grad`) and the update of those rows and their optimizer state in the rank's own shard
+(train/fc_rows.py).
 
 What the split costs: the backbone's forward runs twice (its activations cannot live from one
 job to the next); BatchNorm's running statistics are updated by the first forward only (the
@@ -62,14 +64,6 @@ class FinishGraph(_HeadGraph):
         self.builds += 1
         prepared = Prepared(xs, None, None, None, None, None, target, slope, label_rows)
         return streamed.finish(self.head, prepared, lse, p_wn, embeddings)
-
-
-class GradGraph(_HeadGraph):
-    """One chunk's d loss / d wn of its rows (the host updates the rows: train/fc_rows.py)."""
-
-    def build(self, p, r, xs, b, slot, owner, offset):
-        self.builds += 1
-        return streamed.chunk_row_grad(self.head, self.plan, p, r, xs, b, slot, owner, offset)
 
 
 class ForwardGraph(nn.Graph):
@@ -132,7 +126,6 @@ class StreamStep(AmpSparseStep):
         self.prepare_graph = PrepareGraph(parts.head, plan)
         self.stats_graph = StatsGraph(parts.head, plan)
         self.finish_graph = FinishGraph(parts.head, plan)
-        self.grad_graph = GradGraph(parts.head, plan)
         self.forward_graph, graph = None, None
         if opt1 is not None:  # (an identity backbone, as the FC benches use, has nothing to run)
             self.forward_graph = ForwardGraph(parts.backbone, self.options.amp)
@@ -147,7 +140,7 @@ class StreamStep(AmpSparseStep):
     @property
     def graphs(self) -> List[nn.Graph]:
         return [g for g in (self.forward_graph, self.prepare_graph, self.stats_graph, self.finish_graph,
-                            self.graph, self.grad_graph) if g is not None]
+                            self.graph) if g is not None]
 
     def __call__(self, images: flow.Tensor, labels: flow.Tensor) -> flow.Tensor:
         head, plan = self.parts.head, self.plan
@@ -172,12 +165,15 @@ class StreamStep(AmpSparseStep):
         if not self._scaler_kept(loss):
             return loss  # AMP skipped the backbone's step on every rank: so does the FC
         sync()  # every queued write to the FC (a resumed or copied-in weight) is done
-        positions = prep.positions.to_local().numpy()  # the same on every rank: local rows
+        # broadcast tensors (the same on every rank) and this rank's blocks, as numpy
+        positions, xs, b, slot, owner = (t.to_local().numpy() for t in (prep.positions, prep.xs, b, prep.slot,
+                                                                       prep.owner))
+        weights, rank = r.to_local().numpy(), parallel.rank()  # [K, 1, N]
         for c, cut in enumerate(chunks):
-            g = self.grad_graph(stats[c][0], r[c], prep.xs, b, prep.slot, prep.owner, self._offsets[c])
+            p = stats[c][0].to_local().numpy()[0]  # [N, k_c]
+            g = streamed.rows_grad(p, weights[c, 0], xs, b, slot, owner, c * plan.size, rank)
             real = min(plan.size, plan.kept - c * plan.size)  # (the last chunk's padding left out)
-            rows = g.to_local().numpy().reshape(plan.size, -1)[:real]  # waits for the job
-            self.fc_job.apply(positions[cut][:real], rows, step, self.fc_updates + 1)
+            self.fc_job.apply(positions[cut][:real], g[:real], step, self.fc_updates + 1)
         self._fc_updated(prep.kept, step)
         return loss
 
