@@ -12,36 +12,39 @@ c = ceil(k / K) columns (heads/streamed.py's ChunkPlan), N the global (micro-)ba
 embedding size, w ranks; pad = 1 when the classes are padded to a multiple of w (the head then
 carries a -1e4 column bias), decay = 1 for sparse SGD with weight decay (the kept rows' penalty):
 
-    term       K = 1 (GraphStep: one job)        K > 1 (StreamStep: prepare, stats xK, finish, grad xK)
+    term       K = 1 (GraphStep: one job)        K > 1 (StreamStep: prepare, stats xK, finish; host xK)
     process    BASE (Python, OneFlow, runtime; fitted, see below)      the same + JOB_BASE per extra job
     weight     4 L D                              4 L D
     slots      4 L D x slots (SGD momentum 1, none 0, AdamW 2)
     sampling   (44 + 4 w + 8) L with sampling: PartialFC's [L] vectors, the [w L] gathered host
                noise and the host noise itself (numpy + tensor); 36 L without sampling
-    logits     (92 + 8 pad) N k                   (36 + 4 pad) N c + 4 N k
-    rows       (32 + 20 decay) k D                84 c D
-    vectors    60 k                               84 k + 120 c
-    batch      10 N D                             (250 + 24 K) N D
+    logits     (92 + 8 pad) N k                   (32 + 4 pad) N c + 4 N k
+    rows       (32 + 20 decay) k D                (12 + 20) c D; AdamW (12 + 32) c D
+    vectors    60 k                               84 k + 16 c
+    batch      10 N D                             (104 + 126 eg + 24 K eg) N D, eg = 1 when a
+                                                  backbone trains from the embeddings' gradient
     dense      8 L D (+ the rows term over L)     - (K > 1 needs sparse updates)
-    adamw      ADAMW_EAGER k D: the kept rows' bias correction, eager (train/optim.py)
+    adamw      ADAMW_EAGER k D: the kept rows' bias correction, eager (train/optim.py); at K > 1
+               the host applies it with the update (in the rows term)
 
 The integer coefficients are counts of buffers, read from the compiled jobs
-(`job_buffers`; bench/fc_memory_model.py --tally prints them per job): at K = 1, 23 float32
+(`job_buffers`; bench/fc_memory_model.py tally prints them per job): at K = 1, 23 float32
 [N, k] buffers of the one job (logits, margin, softmax, their gradient, and the reductions'
 scratch: a CPU reduce_sum/reduce_max takes a scratch buffer as large as its input), 25 with the
 padding bias; 8 [k, D] buffers (the kept rows, their normalisation and gradient), 13 with SGD's row
-penalty. At K > 1 per chunk: StatsGraph's 6 [N, c] buffers (matmul, label scatter, softmax, its
-output copy, two row-max scratches) plus nn.Graph's 2 eager output buffers, the grad job's input
-copy of p and, outside the jobs, the K chunks' p kept between passes (4 N k in all); StatsGraph's
-3 and the update's 18 [c, D] buffers. (Counted when OneFlow's optimizer updated the rows in a
-compiled job; GradGraph and the host update of train/fc_rows.py hold fewer. Not recounted: the
-formula now overstates K > 1 a little, 1.7 to 3.8 % of the peak measured at 1M classes,
-512-d K = 19 and 128-d K = 4, 8: docs/BENCHMARKS.md P2e.) `batch` sums the [N, D] buffers (each job's embeddings,
-their gradient, FinishGraph's [K, w, N, D] inputs and the eager copies of p @ wn); `vectors` the
-[k] and [c] index and per-column vectors. What the formula leaves out (terms in N alone, a few MiB)
-and what it cannot count (OneFlow's runtime, thread stacks, allocator slack) is in BASE and
-JOB_BASE, fitted to the measured peak RSS (ru_maxrss) of bench/fc_part.py, 2 ranks, over several
-C, D and K: docs/BENCHMARKS.md, "P2d", has the table (within 15 %).
+penalty. At K > 1, StatsGraph's 8 [N, c] buffers (matmul, label scatter, softmax, two row-max
+scratches, nn.Graph's output copies), one more with a column bias, and outside the jobs the K
+chunks' p kept between passes (4 N k in all); StatsGraph's 3 [c, D] buffers (the rows, their
+normalisation) and the host's (train/fc_rows.py, numpy, read from its code, not a job): the
+chunk's g, its rows, their gradient and two temporaries alive at once (HOST_ROWS_SGD), AdamW's
+slots' rows three more (HOST_ROWS_ADAMW). `batch` sums the [N, D] buffers (PrepareGraph's 66,
+StatsGraph's 20 and FinishGraph's 10 bytes per element without an embedding gradient, the host's
+copy of xs and xs scaled by a chunk's row weights; with one, StatsGraph's p @ wn and its copies,
+FinishGraph's [K, w, N, D] inputs and the eager stack of them); `vectors` the [k] and [c] index
+and per-column vectors. What the formula leaves out (terms in N alone, a few MiB) and what it
+cannot count (OneFlow's runtime, thread stacks, allocator slack) is in BASE and JOB_BASE, fitted
+to the measured peak RSS (ru_maxrss) of bench/fc_part.py, 2 ranks, over several C, D and K:
+docs/BENCHMARKS.md, "P2d" and "P2f", has the tables (within 15 %).
 
 The backbone is not counted: the prediction is the FC part alone (what bench/fc_part.py runs,
 with the identity as backbone). A training run adds its backbone's jobs (docs/BENCHMARKS.md P3).
@@ -64,6 +67,10 @@ GIB = 2 ** 30
 BASE_GIB = 0.45  # process, OneFlow runtime, and the head's terms in N alone (fitted, docs/BENCHMARKS.md P2d)
 JOB_BASE_GIB = 0.0  # per compiled job beyond the first (fitted)
 ADAMW_EAGER = 24  # bytes per kept element of the AdamW bias correction's eager temporaries (fitted)
+# K > 1: bytes per [c, D] element the host's row gradient and update hold at once (numpy temporaries of
+# train/fc_rows.py, read from its code: g, the rows, their gradient and two temporaries; AdamW's
+# two slots' rows and their temporaries three more)
+HOST_ROWS_SGD, HOST_ROWS_ADAMW = 20, 32
 MAX_CHUNKS = 64  # beyond it the [K, w, N, D] terms grow faster than the chunks' shrink
 # default budget: MemTotal / local ranks, less a margin for what runs beside the ranks (the kernel,
 # the launcher, about 0.4 GiB; shared library pages RSS counts in every rank) and for the
@@ -118,13 +125,15 @@ def predict(s: HeadShape, chunks: int = 1) -> Dict[str, float]:
                    batch=10.0 * N * D)
         if not s.sparse and s.sampling:
             out["dense"] = 8.0 * L * D
+        if s.adamw_correction:
+            out["adamw"] = float(ADAMW_EAGER) * k * D
     else:
         K, c = chunk_plan(k, chunks)
-        out["process"] += 5 * JOB_BASE_GIB * GIB
-        out.update(logits=(36 + 4 * pad) * N * c + 4.0 * N * k, rows=84.0 * c * D, vectors=84.0 * k + 120.0 * c,
-                   batch=(250 + 24 * K * int(s.embedding_grad)) * N * D)
-    if s.adamw_correction:
-        out["adamw"] = float(ADAMW_EAGER) * k * D
+        eg = int(s.embedding_grad)
+        out["process"] += 3 * JOB_BASE_GIB * GIB
+        out.update(logits=(32 + 4 * pad) * N * c + 4.0 * N * k,
+                   rows=(12 + (HOST_ROWS_ADAMW if s.adamw_correction else HOST_ROWS_SGD)) * c * D,
+                   vectors=84.0 * k + 16.0 * c, batch=(104 + 126 * eg + 24 * K * eg) * N * D)
     out["total"] = sum(out.values())
     return out
 
