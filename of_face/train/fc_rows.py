@@ -1,7 +1,7 @@
 """The FC's sparse update at K > 1 chunks (train/streamed_step.py): each rank's own rows, on the host.
 
-Each chunk's compiled job returns g, d loss / d wn of the chunk's normalised rows
-(heads/streamed.py, 4). `RowOptimizer.apply` then reads the chunk's rows and their optimizer state
+Each chunk gives g, d loss / d wn of the chunk's normalised rows (heads/streamed.py, 4: `rows_grad`
+on the host from the chunk's p). `RowOptimizer.apply` then reads the chunk's rows and their optimizer state
 from the rank's own shard (numpy views of the local tensors: the same memory, no copy), takes g
 through the normalisation (`streamed.rows_gradient`) and writes back the rows and their state: only
 the chunk's rows and their optimizer state change, as with OneFlow's indexed-slices update at
