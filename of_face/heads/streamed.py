@@ -162,6 +162,24 @@ def chunk_stats(head: PartialFC, plan: ChunkPlan, xs, positions, slot, owner, of
     return (p, lse, flow.matmul(p, wn)) if plan.embedding_grad else (p, lse)
 
 
+def chunk_offsets(plan: ChunkPlan, placement) -> list:
+    """Each chunk's first slot as a [1] int64 broadcast tensor (an input of `chunk_stats`)."""
+    return [parallel.broadcast_array(np.array([c * plan.size], np.int64), placement) for c in range(plan.chunks)]
+
+
+def all_chunk_stats(plan: ChunkPlan, prepared: Prepared, offsets: list, stats):
+    """`stats(xs, positions, slot, owner, offset[, col_bias])` (`chunk_stats`, or the compiled job
+    running it) over every chunk -> (each chunk's outputs, lse [K, world, N], p @ wn [K, world, N, D]
+    or None): the one chunk loop of eager and graph mode."""
+    out = []
+    for c, offset in enumerate(offsets):
+        cut = slice(c * plan.size, (c + 1) * plan.size)
+        extra = [prepared.col_bias[:, cut]] if plan.col_bias else []
+        out.append(stats(prepared.xs, prepared.positions[cut], prepared.slot, prepared.owner, offset, *extra))
+    p_wn = flow.stack([s[2] for s in out]) if plan.embedding_grad else None
+    return out, flow.stack([s[1] for s in out]), p_wn
+
+
 def finish(head: PartialFC, prepared: Prepared, lse, p_wn, embeddings):
     """All chunks (module docstring, 3): lse [K, world, N] and p_wn [K, world, N, D] split(1)
     -> (loss, r [K, world, N] split(1), b [N], d loss / d embeddings split like them; without

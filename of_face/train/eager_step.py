@@ -5,12 +5,12 @@ accumulation by micro-batches, one clipped norm over the backbone's groups, and 
 update reproduced by putting back the unsampled rows' weight and optimizer state after a dense
 step. No AMP and no activation checkpointing (graph mode only).
 """
+from functools import partial
 from typing import Dict, List, Optional
 
 import numpy as np
 import oneflow as flow
 
-from of_face import parallel
 from of_face.heads import streamed
 from of_face.heads.partial_fc import HeadOutput
 from of_face.oneflow_compat import optimizer_state
@@ -73,19 +73,15 @@ class EagerStep:
         head, plan = self.parts.head, self.plan
         with flow.no_grad():
             prep = streamed.prepare(head, plan, emb.detach(), labels, noise)
-            cuts = [slice(c * plan.size, (c + 1) * plan.size) for c in range(plan.chunks)]
-            offsets = [parallel.broadcast_array(np.array([c * plan.size], np.int64), emb.placement)
-                       for c in range(plan.chunks)]
-            stats = [streamed.chunk_stats(head, plan, prep.xs, prep.positions[cut], prep.slot, prep.owner, off,
-                                          prep.col_bias[:, cut] if plan.col_bias else None)
-                     for cut, off in zip(cuts, offsets)]
-            p_wn = flow.stack([s[2] for s in stats]) if plan.embedding_grad else None
-            loss, r, b, *d_emb = streamed.finish(head, prep, flow.stack([s[1] for s in stats]), p_wn, emb.detach())
+            offsets = streamed.chunk_offsets(plan, emb.placement)
+            stats, lse, p_wn = streamed.all_chunk_stats(plan, prep, offsets, partial(streamed.chunk_stats, head, plan))
+            loss, r, b, *d_emb = streamed.finish(head, prep, lse, p_wn, emb.detach())
         if d_emb and emb.requires_grad:
             emb.backward(d_emb[0])
-        for c, (cut, off) in enumerate(zip(cuts, offsets)):
+        for c, off in enumerate(offsets):
             with flow.no_grad():
                 g = streamed.chunk_row_grad(head, plan, stats[c][0], r[c], prep.xs, b, prep.slot, prep.owner, off)
+            cut = slice(c * plan.size, (c + 1) * plan.size)
             streamed.row_grad_link(head, plan, g, prep.positions[cut], off).backward()
         return HeadOutput(loss, loss, prep.kept)
 

@@ -26,7 +26,6 @@ the FC is updated only when the backbone's step was kept (as train/amp_sparse.py
 from dataclasses import replace
 from typing import List, Optional, Tuple
 
-import numpy as np
 import oneflow as flow
 import oneflow.nn as nn
 
@@ -130,9 +129,7 @@ class StreamStep(AmpSparseStep):
         if opt1 is not None:  # (an identity backbone, as the FC benches use, has nothing to run)
             self.forward_graph = ForwardGraph(parts.backbone, self.options.amp)
             graph = BackboneGraph(replace(parts, optimizer=opt1, scheduler=sch1), self.options)
-        size = plan.size
-        self._offsets = [parallel.broadcast_array(np.array([c * size], np.int64), self.placement)
-                         for c in range(plan.chunks)]
+        self._offsets = streamed.chunk_offsets(plan, self.placement)
         # the FC's optimizer, in place of AmpSparseStep's FC job (its slots are the state saved);
         # its bias correction is its own (no SparseAdamCorrection)
         return graph, RowOptimizer(parts.head, parts.optimizer, parts.scheduler), None
@@ -150,15 +147,9 @@ class StreamStep(AmpSparseStep):
         if not plan.col_bias:
             out.insert(3, None)
         prep = Prepared(*out)
-        chunks = [slice(c * plan.size, (c + 1) * plan.size) for c in range(plan.chunks)]
-        stats = []
-        for c, cut in enumerate(chunks):
-            extra = [prep.col_bias[:, cut]] if plan.col_bias else []
-            stats.append(self.stats_graph(prep.xs, prep.positions[cut], prep.slot, prep.owner, self._offsets[c],
-                                          *extra))
-        lse = flow.stack([s[1] for s in stats])
-        p_wn = [flow.stack([s[2] for s in stats])] if plan.embedding_grad else []
-        loss, r, b, *d_emb = self.finish_graph(lse, prep.xs, prep.target, prep.slope, prep.label_rows, emb, *p_wn)
+        stats, lse, p_wn = streamed.all_chunk_stats(plan, prep, self._offsets, self.stats_graph)
+        extra = [p_wn] if p_wn is not None else []
+        loss, r, b, *d_emb = self.finish_graph(lse, prep.xs, prep.target, prep.slope, prep.label_rows, emb, *extra)
         self.steps_done += 1
         if self.graph is not None:
             self.graph(images, d_emb[0])
@@ -169,11 +160,11 @@ class StreamStep(AmpSparseStep):
         positions, xs, b, slot, owner = (t.to_local().numpy() for t in (prep.positions, prep.xs, b, prep.slot,
                                                                        prep.owner))
         weights, rank = r.to_local().numpy(), parallel.rank()  # [K, 1, N]
-        for c, cut in enumerate(chunks):
-            p = stats[c][0].to_local().numpy()[0]  # [N, k_c]
-            g = streamed.rows_grad(p, weights[c, 0], xs, b, slot, owner, c * plan.size, rank)
-            real = min(plan.size, plan.kept - c * plan.size)  # (the last chunk's padding left out)
-            self.fc_job.apply(positions[cut][:real], g[:real], step, self.fc_updates + 1)
+        for c, chunk in enumerate(stats):
+            start = c * plan.size
+            g = streamed.rows_grad(chunk[0].to_local().numpy()[0], weights[c, 0], xs, b, slot, owner, start, rank)
+            real = min(plan.size, plan.kept - start)  # (the last chunk's padding left out)
+            self.fc_job.apply(positions[start:start + real], g[:real], step, self.fc_updates + 1)
         self._fc_updated(prep.kept, step)
         return loss
 
