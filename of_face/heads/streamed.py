@@ -221,7 +221,7 @@ def rows_grad(p: np.ndarray, r: np.ndarray, xs: np.ndarray, b: np.ndarray, slot:
     p [N, k_c] this rank's chunk, r [N] its row weights, start the chunk's first slot -> g [k_c, D].
     q^T xs with q = r p + b at each row's label column is p^T (r xs) plus b xs added at the label
     rows: the row weights ride on the [N, D] side, and the matmul runs in numpy's BLAS (AVX kernels
-    for this CPU; OneFlow 0.9's bundled OpenBLAS runs Prescott's, 3.7x slower: docs/BENCHMARKS.md)."""
+    for this CPU; OneFlow 0.9's bundled OpenBLAS runs Prescott's, 3.2-3.5x slower: docs/BENCHMARKS.md P2f)."""
     g = p.T @ (xs * r[:, None])
     at = slot - start
     mine = (owner == rank) & (at >= 0) & (at < p.shape[1])
