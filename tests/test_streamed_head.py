@@ -8,11 +8,12 @@ last chunk) and the tests read its record:
 1. K = 1, 3, 4, graph and eager, SGD momentum and AdamW, sparse updates: loss, FC weights and the
    FC's optimizer slots after each of 3 steps equal a float64 numpy reference (the one of
    tests/test_sparse_update.py: `fc_grad`, `plsc_adamw` and its constants, imported);
-2. every compiled job of StreamStep is built once (3 steps, 4 jobs; 6 with a backbone, whose
+2. every compiled job of StreamStep is built once (3 steps, 3 jobs; 5 with a backbone, whose
    K = 3 run, BatchNorm's running statistics included, follows K = 1);
 3. with an LR that changes every step, K = 4 equals K = 1, and the LR applied at each step is
    `lr_at` of the optimizer step (not of the count of chunk calls);
 4. a checkpoint at step 2 of a K = 4 run resumed at K = 2 equals the uninterrupted K = 4 run;
+   4b. the host's row gradient (`rows_grad`, numpy) equals q^T xs written out in float64;
 5. the config errors: K > 1 without sparse FC updates, K not an integer >= 1, K > 1 on CUDA.
 """
 import numpy as np
@@ -253,6 +254,32 @@ def test_resume_at_other_chunk_count(record, optimizer):
                      rtol=1e-6)
     # step 3 moved the FC (LR 0.044): a resume that lost the weights or the slots would show
     assert not np.array_equal(whole["weights"][3], whole["weights"][2])
+
+
+# ----------------------------------------------------------------------------- 4b
+@pytest.mark.parametrize("rank", [0, 1])
+def test_host_row_gradient_is_q_transpose_xs(rank):
+    """streamed.rows_grad (the compiled step's row gradient, numpy) against q^T xs written out in
+    float64: q = r p, plus b at each row's label column when this rank owns the label and it falls
+    in the chunk. Labels sit on the chunk's first and last column, just outside it, on the other
+    rank, and two rows share one label (both terms count)."""
+    from of_face.heads.streamed import rows_grad
+
+    rng = np.random.default_rng(rank)
+    n, size, dim, start = 9, 5, 6, 10
+    p = rng.random((n, size), dtype=np.float32)
+    r, b = rng.random(n, dtype=np.float32), rng.standard_normal(n).astype(np.float32)
+    xs = rng.standard_normal((n, dim)).astype(np.float32)
+    slot = np.array([10, 14, 9, 15, 12, 12, 11, 13, 10], np.int64)
+    owner = np.array([rank, rank, rank, rank, rank, rank, 1 - rank, rank, 1 - rank], np.int64)
+    q = r[:, None].astype(np.float64) * p
+    for i in range(n):
+        if owner[i] == rank and start <= slot[i] < start + size:
+            q[i, slot[i] - start] += b[i]
+    want = q.T @ xs.astype(np.float64)
+    got = rows_grad(p, r, xs, b, slot, owner, start, rank)
+    assert got.shape == (size, dim)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- 5
