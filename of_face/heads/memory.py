@@ -130,7 +130,9 @@ def predict(s: HeadShape, chunks: int = 1) -> Dict[str, float]:
     else:
         K, c = chunk_plan(k, chunks)
         eg = int(s.embedding_grad)
-        out["process"] += 3 * JOB_BASE_GIB * GIB
+        # jobs beyond K = 1's one: PrepareGraph, StatsGraph, FinishGraph, and with a backbone that
+        # trains its ForwardGraph and BackboneGraph (train/streamed_step.py)
+        out["process"] += (3 + 2 * eg - 1) * JOB_BASE_GIB * GIB
         out.update(logits=(32 + 4 * pad) * N * c + 4.0 * N * k,
                    rows=(12 + (HOST_ROWS_ADAMW if s.adamw_correction else HOST_ROWS_SGD)) * c * D,
                    vectors=84.0 * k + 16.0 * c, batch=(104 + 126 * eg + 24 * K * eg) * N * D)
