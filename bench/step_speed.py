@@ -5,7 +5,9 @@
 
 AMP = 1 turns on graph-mode AMP (FP16 autocast + dynamic loss scale). FC_RATE (PartialFC's
 sample rate, default 1.0; below 1 with sparse updates) and FC_CHUNKS (Loss.fc_chunks, default 1)
-measure what streaming the head costs a real backbone (its forward recomputed).
+measure what streaming the head costs a real backbone (its forward recomputed). FC_STEPPER=graph
+runs K = 1 as TrainGraph's single step (GraphStep) where build would pick OneJobStep (CPU, FP32,
+sparse updates: the streamed passes as one job), so the two K = 1 steps can be compared.
 
 Runs 3 warm-up steps (graph compilation) then 8 timed steps on a fixed random batch and prints
 samples/s over all ranks. Results go to docs/BENCHMARKS.md.
@@ -19,6 +21,7 @@ import numpy as np
 import of_face  # noqa: F401
 from of_face import parallel
 from of_face.config import load_config
+from of_face.train.steps import GraphStep
 from of_face.train.system import build
 
 mode, width, per_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -32,7 +35,8 @@ cfg = load_config(None, [
     "LRScheduler.power=0", f"AMP.enable={str(amp).lower()}",  # constant LR
     f"Loss.sample_rate={rate}", f"Loss.fc_chunks={os.environ.get('FC_CHUNKS', '1')}",
 ])
-step = build(cfg, classes, total_steps=11, warmup_steps=0).step
+stepper = GraphStep if os.environ.get("FC_STEPPER") == "graph" else None
+step = build(cfg, classes, total_steps=11, warmup_steps=0, stepper=stepper).step
 
 rng = np.random.default_rng(0)
 x = parallel.batch(rng.standard_normal((per_rank, 3, 112, 112)).astype(np.float32))
@@ -46,5 +50,5 @@ parallel.to_numpy(loss)
 seconds = time.time() - start
 if parallel.rank() == 0:
     world = parallel.world_size()
-    print(f"{mode}{' AMP' if amp else ''} width {width} batch {per_rank}/rank x {world} rank(s): "
+    print(f"{mode}{' AMP' if amp else ''} {type(step).__name__} width {width} batch {per_rank}/rank x {world} rank(s): "
           f"{n * per_rank * world / seconds:.1f} samples/s", flush=True)

@@ -17,13 +17,17 @@ def shape(classes=4_000_000, dim=128, batch=256, world=2, rate=0.1, slots=1, spa
 
 
 def fake(classes=4_000_000, dim=128, batch=256, world=2, rate=0.1, sparse=True, optimizer="sgd", momentum=0.9,
-         accum=1, chunks="auto", budget=0.0):
+         accum=1, chunks="auto", budget=0.0, mode="eager", amp=False, device="cpu"):
+    """A config and head; eager mode by default, where K = 1 is GraphStep's formula (graph mode on
+    the CPU in FP32 with sparse updates runs OneJobStep at K = 1: `memory.one_job`)."""
     s = shape(classes, dim, batch, world, rate)
     head = SimpleNamespace(local_classes=s.local, num_sample=s.kept, embedding_size=dim, world=world,
                            sparse_update=sparse and s.sampling, pad_bias=None if classes % world == 0 else object(),
-                           row_decay=5e-4 if sparse and optimizer == "sgd" else 0.0, num_classes=classes)
+                           row_decay=5e-4 if sparse and optimizer == "sgd" else 0.0, num_classes=classes,
+                           weight=SimpleNamespace(placement=SimpleNamespace(type=device)))
     cfg = SimpleNamespace(Optimizer=SimpleNamespace(name=optimizer, momentum=momentum, accum_steps=accum),
-                          Loss=SimpleNamespace(fc_chunks=chunks, fc_memory_gib=budget))
+                          Loss=SimpleNamespace(fc_chunks=chunks, fc_memory_gib=budget),
+                          Global=SimpleNamespace(mode=mode), AMP=SimpleNamespace(enable=amp))
     return cfg, head
 
 
@@ -148,3 +152,28 @@ def test_a_real_head_and_auto_through_the_build():
     assert system.step.plan.chunks == 2
     assert memory.memory_of(cfg, system.head, 8, 2).predicted_gib == pytest.approx(need[1])
     assert need[0] * GIB > need[1] * GIB
+
+
+def test_k_1_runs_one_job_only_where_it_can():
+    """OneJobStep at K = 1: graph mode, CPU, FP32, sparse updates, no accumulation; else GraphStep."""
+    assert memory.one_job(*fake(mode="graph"))
+    for other in (dict(mode="eager"), dict(amp=True), dict(device="cuda"), dict(sparse=False), dict(rate=1.0),
+                  dict(accum=2)):
+        assert not memory.one_job(*fake(**{"mode": "graph", **other})), other
+
+
+def test_one_job_k_1_is_the_streamed_formula_at_one_chunk():
+    """OneJobStep's K = 1: the K > 1 terms with c = k and no job beyond the one (P2g measured it),
+    below GraphStep's; at 1M classes, 128-d, r 0.1 it fits the 2.6 GiB auto is benched at."""
+    s = shape(classes=1_000_000)
+    one = memory.predict(s, 1)
+    streamed = memory.predict(HeadShape(**{**s.__dict__, "one_job": True}), 1)
+    assert streamed["total"] < one["total"]
+    N, k, D = s.batch, s.kept, s.dim
+    assert streamed["logits"] == (32 + 4 * s.padded) * N * k + 4 * N * k
+    assert streamed["rows"] == (12 + memory.HOST_ROWS_SGD) * k * D
+    assert streamed["process"] == memory.BASE_GIB * GIB
+    cfg, head = fake(classes=1_000_000, mode="graph", budget=2.6)
+    assert memory.choose_chunks(cfg, head, 256).chunks == 1
+    cfg, head = fake(classes=1_000_000, dim=512, mode="graph", budget=2.6)
+    assert memory.choose_chunks(cfg, head, 256).chunks > 1

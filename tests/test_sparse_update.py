@@ -68,8 +68,8 @@ def replay(run, optimizer, atol=1e-5):
     return W
 
 
-@pytest.mark.parametrize("mode,optimizer", [("graph", "sgd"), ("graph", "adamw"), ("eager", "sgd"),
-                                            ("eager", "adamw")])
+@pytest.mark.parametrize("mode,optimizer", [("graph", "sgd"), ("graph", "adamw"), ("onejob", "sgd"),
+                                            ("onejob", "adamw"), ("eager", "sgd"), ("eager", "adamw")])
 def test_only_kept_rows_and_their_state_change(tmp_path, mode, optimizer):
     run = run_worker("sparse_update", tmp_path / "run.json", extra=[mode, optimizer, 1])
     W = replay(run, optimizer)
@@ -82,7 +82,7 @@ def test_only_kept_rows_and_their_state_change(tmp_path, mode, optimizer):
         assert update in run["ops"][0] and "unsorted_segment_sum_like" not in run["ops"][0]
 
 
-@pytest.mark.parametrize("mode", ["graph", "eager"])
+@pytest.mark.parametrize("mode", ["graph", "onejob", "eager"])
 def test_sparse_adamw_replays_plsc_over_five_steps(tmp_path, mode):
     """Bias correction from the global step, as PLSC: 5 steps to 1e-6 (the first steps' updates
     are ~3x smaller than uncorrected Adam's, so a missing correction fails at step 1)."""

@@ -1,15 +1,18 @@
-"""The streamed FC head (`Loss.fc_chunks` = K > 1, heads/streamed.py, train/streamed_step.py).
+"""The streamed FC head (`Loss.fc_chunks` = K > 1, heads/streamed.py, train/streamed_step.py), and
+its one-job form at K = 1 (OneJobStep: graph mode on the CPU, FP32, sparse updates).
 
-One 2-rank launch of tests/workers/streamed_fc.py runs every configuration below (18 runs of 3
-steps, ~13 s: mostly the head alone, 61 classes = 31 per rank with one padded class, 8-d,
+One 2-rank launch of tests/workers/streamed_fc.py runs every configuration below (21 runs of 3
+steps: mostly the head alone, 61 classes = 31 per rank with one padded class, 8-d,
 global batch 8, PartialFC keeping k = 10 positions per rank, so K = 3 and 4 both leave a short
 last chunk) and the tests read its record:
 
 1. K = 1, 3, 4, graph and eager, SGD momentum and AdamW, sparse updates: loss, FC weights and the
    FC's optimizer slots after each of 3 steps equal a float64 numpy reference (the one of
-   tests/test_sparse_update.py: `fc_grad`, `plsc_adamw` and its constants, imported);
-2. every compiled job of StreamStep is built once (3 steps, 3 jobs; 5 with a backbone, whose
-   K = 3 run, BatchNorm's running statistics included, follows K = 1);
+   tests/test_sparse_update.py: `fc_grad`, `plsc_adamw` and its constants, imported); graph K = 1
+   both as OneJobStep and as TrainGraph's single step (GraphStep, the path of GPUs and AMP);
+2. every compiled job of StreamStep and OneJobStep is built once (3 steps, 3 jobs; 5 with a
+   backbone; OneJobStep 1); with a backbone, K = 3 and OneJobStep follow TrainGraph's single step,
+   the backbone's weights and BatchNorm's running statistics included;
 3. with an LR that changes every step, K = 4 equals K = 1, and the LR applied at each step is
    `lr_at` of the optimizer step (not of the count of chunk calls);
 4. a checkpoint at step 2 of a K = 4 run resumed at K = 2 equals the uninterrupted K = 4 run;
@@ -49,15 +52,19 @@ def spec(mode, opt, chunks, **extra):
 
 
 PLAIN = [spec(m, o, k) for m in MODES for o in OPTIMIZERS for k in CHUNKS]
+# K = 1 in graph mode: OneJobStep (build's choice on the CPU in FP32 with sparse updates) and, as
+# on a GPU or under AMP, TrainGraph's single step (GraphStep)
+SINGLE = [spec("graph", o, 1, st="graph") for o in OPTIMIZERS]
+STEPPERS = {("graph", 1): "OneJobStep", ("graph", 3): "StreamStep", ("graph", 4): "StreamStep"}
 WARM_RUNS = [spec("graph", o, k, lr="warm", **({"save": 2, "resume": 2} if k == 4 else {}))
              for o in OPTIMIZERS for k in (1, 4)]
-BACKBONE_RUNS = [spec("graph", "sgd", k, bb="lin") for k in (1, 3)]
+BACKBONE_RUNS = [spec("graph", "sgd", 1, bb="lin", st="graph")] + [spec("graph", "sgd", k, bb="lin") for k in (1, 3)]
 
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
     out = tmp_path_factory.mktemp("streamed") / "runs.json"
-    return run_worker("streamed_fc", out, extra=PLAIN + WARM_RUNS + BACKBONE_RUNS, timeout=300)
+    return run_worker("streamed_fc", out, extra=PLAIN + SINGLE + WARM_RUNS + BACKBONE_RUNS, timeout=300)
 
 
 # ----------------------------------------------------------------------------- the numpy reference
@@ -141,17 +148,20 @@ def test_chunks_equal_float64_numpy(record, mode, optimizer):
     which rows moved, the whole FC and its optimizer slots (RTOL, near-zero entries ATOL_ULPS)."""
     classes, w0 = record["classes"], record["w0"]
     data = record["data"]["id"]
-    for chunks in CHUNKS:
-        run = record["runs"][spec(mode, optimizer, chunks)]
+    names = [spec(mode, optimizer, chunks) for chunks in CHUNKS]
+    names += [spec(mode, optimizer, 1, st="graph")] if mode == "graph" else []
+    for name in names:
+        run = record["runs"][name]
+        chunks = int(dict(kv.split("=") for kv in name.split(","))["K"])
         # the case this covers: a padded class, and k kept columns per rank not a multiple of K
         assert classes % WORLD == 1 and len(w0) == classes + 1
         assert (run["local"], run["k"]) == (31, 10)  # ceil(61 / 2); ceil(0.3 * 31) > global batch 8
         if chunks > 1:
             assert run["k"] % chunks != 0 and run["plan"][0] == chunks
-            assert run["stepper"] == ("StreamStep" if mode == "graph" else "EagerStep")
+        assert run["stepper"] == ("GraphStep" if "st=graph" in name else STEPPERS.get((mode, chunks), "EagerStep"))
         want = reference(run, w0, data, optimizer, classes)
         for t in range(1, STEPS + 1):
-            at = f"{mode} {optimizer} K={chunks} step {t}"
+            at = f"{name} ({run['stepper']}) step {t}"
             # sparse: exactly the sampled rows (both ranks', the padded class's when kept) moved
             np.testing.assert_array_equal(changed_rows(run, t), want["kept"][t - 1], err_msg=at)
             assert run["loss"][t - 1] == pytest.approx(want["loss"][t - 1], rel=RTOL), at
@@ -167,32 +177,45 @@ def test_chunks_equal_float64_numpy(record, mode, optimizer):
 
 # ----------------------------------------------------------------------------- 2
 def test_each_job_is_compiled_once(record):
-    streamed = {name: run for name, run in record["runs"].items() if run["stepper"] == "StreamStep"}
-    assert len(streamed) == 7  # graph K = 3, 4 x sgd, adamw; lr=warm K = 4 x sgd, adamw; bb=lin K = 3
+    streamed = {name: run for name, run in record["runs"].items() if run["stepper"] in ("StreamStep", "OneJobStep")}
+    # StreamStep: graph K = 3, 4 x sgd, adamw; lr=warm K = 4 x sgd, adamw; bb=lin K = 3. OneJobStep:
+    # graph K = 1 x sgd, adamw; lr=warm K = 1 x sgd, adamw; bb=lin K = 1
+    assert len(streamed) == 12
     for name, run in streamed.items():
         jobs = ["PrepareGraph", "StatsGraph", "FinishGraph"]
         if "bb=lin" in name:
             jobs = ["ForwardGraph", *jobs, "BackboneGraph"]
+        if run["stepper"] == "OneJobStep":  # the backbone, the passes and its backward: one job
+            jobs = ["OneJobGraph"]
         assert run["graphs"] == [[job, 1] for job in jobs], name
         if "resumed" in run:
             assert run["resumed"]["graphs"] == [[job, 1] for job in jobs], name
 
 
 def test_backbone_jobs_equal_the_single_step(record):
-    """With a backbone (a forward job, a backward job recomputing it, BatchNorm): K = 3 follows the
-    K = 1 single compiled step (3 steps: each loss depends on the backbone's earlier updates)."""
-    one, three = (record["runs"][name] for name in BACKBONE_RUNS)
-    assert_close(three["loss"], one["loss"], "losses")
-    assert_close(three["weights"][-1], one["weights"][-1], "FC weights", ulps=WEIGHT_ULPS)
+    """With a backbone (Linear + BatchNorm): OneJobStep at K = 1 (one job) and K = 3 (a forward
+    job, a backward job recomputing it) follow TrainGraph's single step, autograd through both
+    (3 steps: each loss depends on the backbone's earlier updates)."""
+    single, *others = (record["runs"][name] for name in BACKBONE_RUNS)
+    assert [r["stepper"] for r in (single, *others)] == ["GraphStep", "OneJobStep", "StreamStep"]
+    for run in others:
+        assert_close(run["loss"], single["loss"], f"{run['stepper']}: losses")
+        assert_close(run["weights"][-1], single["weights"][-1], f"{run['stepper']}: FC weights", ulps=WEIGHT_ULPS)
+        for name, value in single["backbone"].items():  # (the weights a wrong d emb would move elsewhere)
+            assert_close(run["backbone"][name], value, f"{run['stepper']}: backbone {name}")
 
 
 def test_backbone_batchnorm_statistics_follow_the_single_step(record):
     """BatchNorm's running statistics are updated once a step, by ForwardGraph (the backward job's
-    recomputed forward is traced at momentum 0, train/streamed_step.py): as at K = 1."""
-    one, three = (record["runs"][name]["backbone"] for name in BACKBONE_RUNS)
-    assert set(one) == set(three)
-    for name in one:
-        assert_close(three[name], one[name], f"backbone {name}")
+    recomputed forward is traced at momentum 0, train/streamed_step.py), or by OneJobGraph's one
+    forward: as in TrainGraph's single step."""
+    single, *others = (record["runs"][name]["backbone"] for name in BACKBONE_RUNS)
+    stats = [name for name in single if "running" in name]
+    assert stats
+    for run in others:
+        assert set(run) == set(single)
+        for name in stats:
+            assert_close(run[name], single[name], f"backbone {name}")
 
 
 # ----------------------------------------------------------------------------- 3

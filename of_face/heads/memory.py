@@ -27,6 +27,10 @@ carries a -1e4 column bias), decay = 1 for sparse SGD with weight decay (the kep
     adamw      ADAMW_EAGER k D: the kept rows' bias correction, eager (train/optim.py); at K > 1
                the host applies it with the update (in the rows term)
 
+K = 1 runs one of two steps (`one_job`): on the CPU in FP32 with sparse updates, OneJobStep (the
+streamed passes as one chunk, in one job with the backbone): its terms are the K > 1 column's at
+K = 1 (c = k, no job beyond the one); otherwise GraphStep's (the K = 1 column).
+
 The integer coefficients are counts of buffers, read from the compiled jobs
 (`job_buffers`; bench/fc_memory_model.py tally prints them per job): at K = 1, 23 float32
 [N, k] buffers of the one job (logits, margin, softmax, their gradient, and the reductions'
@@ -44,7 +48,7 @@ FinishGraph's [K, w, N, D] inputs and the eager stack of them); `vectors` the [k
 and per-column vectors. What the formula leaves out (terms in N alone, a few MiB) and what it
 cannot count (OneFlow's runtime, thread stacks, allocator slack) is in BASE and JOB_BASE, fitted
 to the measured peak RSS (ru_maxrss) of bench/fc_part.py, 2 ranks, over several C, D and K:
-docs/BENCHMARKS.md, "P2d" and "P2f", has the tables (within 15 %).
+docs/BENCHMARKS.md, "P2d", "P2f" and "P2g", has the tables (within 15 %).
 
 The backbone is not counted: the prediction is the FC part alone (what bench/fc_part.py runs,
 with the identity as backbone). A training run adds its backbone's jobs (docs/BENCHMARKS.md P3).
@@ -94,6 +98,7 @@ class HeadShape:
     row_decay: bool  # sparse SGD's kept-row penalty
     adamw_correction: bool  # sparse AdamW's eager bias correction of the kept rows
     embedding_grad: bool = True  # a backbone trains: the chunks also compute p @ wn (heads/streamed.py)
+    one_job: bool = False  # K = 1 runs the streamed passes as one job (`one_job`), not GraphStep's step
 
     @property
     def sampling(self) -> bool:
@@ -105,7 +110,7 @@ class HeadShape:
         slots = 2 if opt.name == "adamw" else (1 if opt.momentum > 0 else 0)
         return cls(head.local_classes, head.num_sample, head.embedding_size, batch, head.world, slots,
                    bool(head.sparse_update), head.pad_bias is not None, bool(head.row_decay),
-                   bool(head.sparse_update) and opt.name == "adamw", embedding_grad)
+                   bool(head.sparse_update) and opt.name == "adamw", embedding_grad, one_job(cfg, head))
 
 
 def chunk_plan(kept: int, chunks: int) -> Tuple[int, int]:
@@ -120,7 +125,7 @@ def predict(s: HeadShape, chunks: int = 1) -> Dict[str, float]:
     pad, decay = int(s.padded), int(s.row_decay)
     out = {"process": BASE_GIB * GIB, "weight": 4.0 * L * D, "slots": 4.0 * L * D * s.slots,
            "sampling": (44 + 4 * w + 8) * L if s.sampling else 36.0 * L}
-    if chunks <= 1:
+    if chunks <= 1 and not s.one_job:
         out.update(logits=(92 + 8 * pad) * N * k, rows=(32 + 20 * decay) * k * D, vectors=60.0 * k,
                    batch=10.0 * N * D)
         if not s.sparse and s.sampling:
@@ -132,7 +137,7 @@ def predict(s: HeadShape, chunks: int = 1) -> Dict[str, float]:
         eg = int(s.embedding_grad)
         # jobs beyond K = 1's one: PrepareGraph, StatsGraph, FinishGraph, and with a backbone that
         # trains its ForwardGraph and BackboneGraph (train/streamed_step.py)
-        out["process"] += (3 + 2 * eg - 1) * JOB_BASE_GIB * GIB
+        out["process"] += (3 + 2 * eg - 1) * JOB_BASE_GIB * GIB if K > 1 else 0.0
         out.update(logits=(32 + 4 * pad) * N * c + 4.0 * N * k,
                    rows=(12 + (HOST_ROWS_ADAMW if s.adamw_correction else HOST_ROWS_SGD)) * c * D,
                    vectors=84.0 * k + 16.0 * c, batch=(104 + 126 * eg + 24 * K * eg) * N * D)
@@ -190,6 +195,14 @@ class FCMemory:
 def streamable(cfg, head) -> bool:
     """Whether this run can stream its head (K > 1): sparse FC updates, no gradient accumulation."""
     return bool(head.sparse_update) and cfg.Optimizer.accum_steps <= 1
+
+
+def one_job(cfg, head) -> bool:
+    """Whether K = 1 runs the streamed passes as one compiled job with the FC's rows updated on the
+    host (train/streamed_step.py OneJobStep): graph mode on the CPU, FP32, sparse updates. Else
+    (eager, AMP, dense updates, a GPU) K = 1 is GraphStep's single step (train/system.py)."""
+    return (streamable(cfg, head) and cfg.Global.mode == "graph" and not cfg.AMP.enable
+            and head.weight.placement.type == "cpu")
 
 
 def budget_gib(cfg) -> float:

@@ -1,4 +1,4 @@
-"""The compiled step with the FC head streamed in K class chunks (`Loss.fc_chunks` > 1).
+"""The compiled steps of the streamed FC head: K class chunks (`Loss.fc_chunks` > 1), or one.
 
 heads/streamed.py has the maths; here are the compiled jobs and their order. Each job is
 compiled once and called every step (the chunk jobs K times), so its CPU buffers are sized by
@@ -22,6 +22,13 @@ at the optimizer step and sparse AdamW's bias correction at the FC updates made,
 optimizer steps, not chunk calls. Under AMP the
 two backbone jobs run FP16 with the dynamic loss scale in BackboneGraph, the head runs FP32, and
 the FC is updated only when the backbone's step was kept (as train/amp_sparse.py).
+
+K = 1 on the CPU in FP32 (OneJobStep, picked by train/system.py for sparse FC updates): the same
+passes over one chunk need no second pass, so the backbone's forward, PrepareGraph's, StatsGraph's
+and FinishGraph's work and the backbone's backward are ONE job (OneJobGraph), nothing recomputed,
+and the host updates the rows as above. Against TrainGraph's autograd head it makes fewer [N, k]
+passes (softmax, not exp; the label column's logit from its own row) and its rows' gradient runs
+in numpy's BLAS: 2.2-2.7x faster and a third smaller at 1M classes (docs/BENCHMARKS.md P2g).
 """
 from dataclasses import replace
 from typing import List, Optional, Tuple
@@ -140,8 +147,27 @@ class StreamStep(AmpSparseStep):
                             self.graph) if g is not None]
 
     def __call__(self, images: flow.Tensor, labels: flow.Tensor) -> flow.Tensor:
-        head, plan = self.parts.head, self.plan
         step = self.steps_done
+        loss, r, b, chunks, prep = self._passes(images, labels, step)
+        self.steps_done += 1
+        if not self._scaler_kept(loss):
+            return loss  # AMP skipped the backbone's step on every rank: so does the FC
+        sync()  # every queued write to the FC (a resumed or copied-in weight) is done
+        # broadcast tensors (the same on every rank) and this rank's blocks, as numpy
+        positions, xs, b, slot, owner = (t.to_local().numpy() for t in (prep.positions, prep.xs, b, prep.slot,
+                                                                       prep.owner))
+        weights, rank, plan = r.to_local().numpy(), parallel.rank(), self.plan  # [K, 1, N]
+        for c, p in enumerate(chunks):
+            start = c * plan.size
+            g = streamed.rows_grad(p.to_local().numpy()[0], weights[c, 0], xs, b, slot, owner, start, rank)
+            real = min(plan.size, plan.kept - start)  # (the last chunk's padding left out)
+            self.fc_job.apply(positions[start:start + real], g[:real], step, self.fc_updates + 1)
+        self._fc_updated(prep.kept, step)
+        return loss
+
+    def _passes(self, images: flow.Tensor, labels: flow.Tensor, step: int) -> tuple:
+        """The jobs of one step -> (loss, r [K, world, N] split(1), b [N], each chunk's p, Prepared)."""
+        head, plan = self.parts.head, self.plan
         emb = self.forward_graph(images) if self.forward_graph is not None else images
         out = list(self.prepare_graph(emb, labels, head.step_noise(step)))
         if not plan.col_bias:
@@ -150,23 +176,9 @@ class StreamStep(AmpSparseStep):
         stats, lse, p_wn = streamed.all_chunk_stats(plan, prep, self._offsets, self.stats_graph)
         extra = [p_wn] if p_wn is not None else []
         loss, r, b, *d_emb = self.finish_graph(lse, prep.xs, prep.target, prep.slope, prep.label_rows, emb, *extra)
-        self.steps_done += 1
         if self.graph is not None:
             self.graph(images, d_emb[0])
-        if not self._scaler_kept(loss):
-            return loss  # AMP skipped the backbone's step on every rank: so does the FC
-        sync()  # every queued write to the FC (a resumed or copied-in weight) is done
-        # broadcast tensors (the same on every rank) and this rank's blocks, as numpy
-        positions, xs, b, slot, owner = (t.to_local().numpy() for t in (prep.positions, prep.xs, b, prep.slot,
-                                                                       prep.owner))
-        weights, rank = r.to_local().numpy(), parallel.rank()  # [K, 1, N]
-        for c, chunk in enumerate(stats):
-            start = c * plan.size
-            g = streamed.rows_grad(chunk[0].to_local().numpy()[0], weights[c, 0], xs, b, slot, owner, start, rank)
-            real = min(plan.size, plan.kept - start)  # (the last chunk's padding left out)
-            self.fc_job.apply(positions[start:start + real], g[:real], step, self.fc_updates + 1)
-        self._fc_updated(prep.kept, step)
-        return loss
+        return loss, r, b, [s[0] for s in stats], prep
 
     def _scaler_kept(self, loss: flow.Tensor) -> bool:
         """Without AMP (or a backbone) always; under AMP, AmpSparseStep's answer."""
@@ -177,3 +189,48 @@ class StreamStep(AmpSparseStep):
 
     def loss_scale(self) -> Optional[float]:
         return super().loss_scale() if self.graph is not None else None
+
+
+class OneJobGraph(TrainGraph):
+    """K = 1: the backbone, the head's passes over one chunk and the backbone's backward, one job."""
+
+    def __init__(self, parts: StepParts, options: StepOptions, plan: ChunkPlan):
+        super().__init__(parts, options)
+        self.plan, self.builds = plan, 0
+
+    def build(self, images, labels, noise, offset):
+        self.builds += 1
+        head, plan = self.head, self.plan
+        emb = self.backbone(images).to(flow.float32)
+        x = emb.detach()  # the head's passes hand the backbone its gradient through the link below
+        prep = streamed.prepare(head, plan, x, labels, noise)
+        extra = [prep.col_bias] if plan.col_bias else []
+        p, lse, *p_wn = streamed.chunk_stats(head, plan, prep.xs, prep.positions, prep.slot, prep.owner, offset, *extra)
+        p_wn = p_wn[0].unsqueeze(0) if p_wn else None  # [1, world, N, D] split(1), as finish takes K chunks
+        loss, r, b, *d_emb = streamed.finish(head, prep, lse.unsqueeze(0), p_wn, x)
+        if self.trains:
+            (emb * d_emb[0]).sum().backward()
+        return loss, r, b, p, prep.xs, prep.kept, prep.slot, prep.owner
+
+
+class OneJobStep(StreamStep):
+    """The streamed head at K = 1 on CPU (FP32, sparse updates): the backbone's forward, the head's
+    passes as one chunk and the backbone's backward are one compiled job, so nothing is recomputed;
+    the FC's rows are updated on the host as at K > 1 (see the module docstring)."""
+
+    def _jobs(self) -> Tuple[Optional[TrainGraph], RowOptimizer, None]:
+        parts = self.parts
+        (opt1, sch1), _ = split_optimizer(parts.optimizer, parts.scheduler, parts.head)
+        self.one_graph = OneJobGraph(replace(parts, optimizer=opt1, scheduler=sch1), self.options, self.plan)
+        self._offsets = streamed.chunk_offsets(self.plan, self.placement)
+        return self.one_graph, RowOptimizer(parts.head, parts.optimizer, parts.scheduler), None
+
+    @property
+    def graphs(self) -> List[nn.Graph]:
+        return [self.one_graph]
+
+    def _passes(self, images: flow.Tensor, labels: flow.Tensor, step: int) -> tuple:
+        noise = self.parts.head.step_noise(step)
+        loss, r, b, p, xs, kept, slot, owner = self.graph(images, labels, noise, self._offsets[0])
+        prep = Prepared(xs, kept, kept, None, slot, owner, None, None, None)
+        return loss, r, b, [p], prep

@@ -14,7 +14,7 @@ import oneflow.nn as nn
 from of_face import parallel
 from of_face.config import Config, ConfigError
 from of_face.heads import PartialFC, build_head
-from of_face.heads.memory import DoesNotFit, choose_chunks
+from of_face.heads.memory import DoesNotFit, choose_chunks, one_job
 from of_face.models import build_backbone
 from of_face.models.weights import load_backbone
 from of_face.oneflow_compat import LRScheduler, sync
@@ -22,7 +22,7 @@ from of_face.train.amp_sparse import AmpSparseStep
 from of_face.train.eager_step import EagerStep
 from of_face.train.optim import build_optimizer, build_scheduler
 from of_face.train.steps import GraphStep, StepOptions, StepParts, Stepper
-from of_face.train.streamed_step import StreamStep
+from of_face.train.streamed_step import OneJobStep, StreamStep
 
 # Global.mode -> stepper class; AMP with sparse FC updates takes AmpSparseStep (`stepper_class`)
 StepperClass = Callable[[StepParts, StepOptions], Stepper]
@@ -100,13 +100,15 @@ def schedule_length(cfg: Config, steps_per_epoch: int) -> Tuple[int, int]:
 
 
 def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: Optional[nn.Module] = None,
-          total_steps: Optional[int] = None, warmup_steps: Optional[int] = None) -> TrainingSystem:
+          total_steps: Optional[int] = None, warmup_steps: Optional[int] = None,
+          stepper: Optional[StepperClass] = None) -> TrainingSystem:
     """Wire a run: backbone (from `Model`, or the local module given; `Global.pretrained` loaded
     into it), broadcast over the ranks; the head from `Loss`/`Optimizer`; one optimizer; the LR
     schedule; the stepper of `Global.mode`. Every rank calls it with the same arguments.
 
     total_steps / warmup_steps default to the config's epochs (or max_steps) and warm-up epochs
     over `steps_per_epoch`; callers without a data set (benches, test workers) pass them.
+    `stepper` replaces `stepper_class`'s choice (benches and tests of another stepper's path).
     """
     plan = BatchPlan.from_config(cfg, steps_per_epoch)
     total, warmup = schedule_length(cfg, steps_per_epoch)
@@ -133,7 +135,7 @@ def build(cfg: Config, num_classes: int, steps_per_epoch: int = 0, *, backbone: 
     scheduler = build_scheduler(optimizer, total, warmup, cfg.LRScheduler.power)
     parts = StepParts(backbone, head, optimizer, scheduler)
     options = replace(StepOptions.from_config(cfg), fc_chunks=fc_chunks(cfg, head, plan, parts.trains_backbone))
-    step = stepper_class(cfg, head, options)(parts, options)
+    step = (stepper or stepper_class(cfg, head, options))(parts, options)
     return TrainingSystem(backbone, head, optimizer, scheduler, step, plan, total, warmup)
 
 
@@ -159,10 +161,14 @@ def fc_chunks(cfg: Config, head: PartialFC, plan: BatchPlan, trains_backbone: bo
 
 
 def stepper_class(cfg: Config, head: PartialFC, options: StepOptions) -> StepperClass:
-    """The stepper of `Global.mode`; the FC streamed in chunks in graph mode: StreamStep; under
-    AMP with sparse FC updates, AmpSparseStep (the FC's sparse update outside the loss-scaled graph)."""
+    """The stepper of `Global.mode`. In graph mode: the FC streamed in K > 1 chunks, StreamStep; at
+    K = 1 on the CPU with sparse FC updates in FP32, OneJobStep (the same passes as one chunk, in one
+    job: 2-3x faster than TrainGraph's head there, docs/BENCHMARKS.md P2g); under AMP with sparse FC
+    updates, AmpSparseStep (the FC's sparse update outside the loss-scaled graph)."""
     if cfg.Global.mode == "graph" and options.fc_chunks > 1:
         return StreamStep
+    if one_job(cfg, head):
+        return OneJobStep
     if cfg.Global.mode == "graph" and cfg.AMP.enable and head.sparse_update:
         return AmpSparseStep
     return STEPPERS[cfg.Global.mode]

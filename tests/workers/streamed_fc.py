@@ -7,6 +7,7 @@ writes them):
     lr=warm      warm-up over 1 step then power 2 over 4 steps: 0, 0.1, 0.1 * (2/3)^2 (changes every step)
     bb=id        identity backbone: the "images" are the embeddings [N, DIM]
     bb=lin       Linear(12, DIM) + BatchNorm1d: a backbone with a forward and a backward job
+    st=graph     K = 1 as TrainGraph's single step (GraphStep; build picks OneJobStep here)
     save=S       also write the trainer's checkpoint after step S
     resume=K2    then build a fresh system at Loss.fc_chunks=K2, load that checkpoint and run the
                  remaining steps on the same batches
@@ -27,6 +28,7 @@ from of_face import parallel
 from of_face.config import load_config
 from of_face.heads import fc_table
 from of_face.train.snapshot import load_checkpoint, save_checkpoint
+from of_face.train.steps import GraphStep
 from of_face.train.system import build
 
 CLASSES, DIM, BATCH, RATE, STEPS, IN = 61, 8, 8, 0.3, 3, 12  # 31 classes per rank (rank 1's last padded), k = 10
@@ -46,11 +48,12 @@ def config(spec, chunks):
 
 def make(spec, chunks):
     s = SCHEDULES[spec["lr"]]
+    stepper = GraphStep if spec.get("st") == "graph" else None
     flow.manual_seed(0)  # (the lin backbone's initialisation: the same in every run)
     backbone = flow.nn.Identity() if spec["bb"] == "id" else \
         flow.nn.Sequential(flow.nn.Linear(IN, DIM), flow.nn.BatchNorm1d(DIM))
     return build(config(spec, chunks), CLASSES, backbone=backbone, total_steps=s["total_steps"],
-                 warmup_steps=s["warmup_steps"])
+                 warmup_steps=s["warmup_steps"], stepper=stepper)
 
 
 def fc_state(system):
