@@ -4,7 +4,9 @@
 
 FC_CHUNKS (an integer K or auto; default 1) and FC_MEMORY_GIB (auto's per-rank budget; default:
 the config's) stream the head in K class chunks (heads/streamed.py), so one command measures any K.
-FC_OPTIMIZER: sgd (default, momentum 0.9) or adamw. FC_PIN_CPUS: Global.pin_cpus (default true here).
+FC_STEPPER=graph: K = 1 as TrainGraph's single step (GraphStep; build picks OneJobStep here, the
+streamed passes as one job), to compare the two. FC_OPTIMIZER: sgd (default, momentum 0.9) or adamw.
+FC_PIN_CPUS: Global.pin_cpus (default true here).
 Each JSON line also carries the K run and
 heads/memory.py's predicted peak per rank for it (docs/BENCHMARKS.md, P2d, compares the two).
 FC_TALLY=1: rank 0 also prints, per compiled job, its buffers as bytes per element of the formula's
@@ -22,6 +24,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -29,7 +32,8 @@ import of_face  # noqa: F401
 import oneflow as flow
 from of_face import parallel
 from of_face.config import load_config
-from of_face.heads.memory import HeadShape, coefficients, memory_of
+from of_face.heads.memory import HeadShape, coefficients, memory_of, predicted_gib
+from of_face.train.steps import GraphStep
 from of_face.train.system import build
 
 classes, rate, sparse = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "1"
@@ -47,9 +51,13 @@ cfg = load_config(None, [
     f"Loss.fc_chunks={chunks}", f"Loss.fc_memory_gib={memory}",
     f"Global.pin_cpus={os.environ.get('FC_PIN_CPUS', 'true')}",  # the FC-bound setting (docs/BENCHMARKS.md P2e)
 ])
-system = build(cfg, classes, backbone=flow.nn.Identity(), total_steps=2 + steps, warmup_steps=0)
+stepper = GraphStep if os.environ.get("FC_STEPPER") == "graph" else None
+system = build(cfg, classes, backbone=flow.nn.Identity(), total_steps=2 + steps, warmup_steps=0, stepper=stepper)
 head, step = system.head, system.step
 run = memory_of(cfg, head, batch, getattr(getattr(step, "plan", None), "chunks", 1), embedding_grad=False)
+if stepper is GraphStep:  # (the prediction of the step run, not of the one build would pick)
+    shape = replace(HeadShape.of(cfg, head, batch, embedding_grad=False), one_job=False)
+    run = replace(run, predicted_gib=predicted_gib(shape, 1))
 
 rng = np.random.default_rng(0)
 per_rank = batch // parallel.world_size()
@@ -66,6 +74,7 @@ rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB, this ra
 last = round(float(parallel.to_numpy(loss)), 4)
 print(json.dumps({"rank": parallel.rank(), "classes": classes, "rate": rate, "sparse": head.sparse_update, "dim": dim,
                   "batch": batch, "kept_per_rank": head.num_sample, "optimizer": optimizer, "fc_chunks": run.chunks,
+                  "stepper": type(step).__name__,
                   "s_per_step": round(seconds, 4), "peak_rss_gib": round(rss, 3),
                   "predicted_gib": round(run.predicted_gib, 3), "budget_gib": round(run.budget_gib, 2), "loss": last}),
       flush=True)
