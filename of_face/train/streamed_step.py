@@ -208,8 +208,8 @@ class OneJobGraph(TrainGraph):
         p, lse, *p_wn = streamed.chunk_stats(head, plan, prep.xs, prep.positions, prep.slot, prep.owner, offset, *extra)
         p_wn = p_wn[0].unsqueeze(0) if p_wn else None  # [1, world, N, D] split(1), as finish takes K chunks
         loss, r, b, *d_emb = streamed.finish(head, prep, lse.unsqueeze(0), p_wn, x)
-        if self.trains:
-            (emb * d_emb[0]).sum().backward()
+        if self.trains:  # (d emb detached: it is made from the FC weight, whose gradient nothing here wants)
+            (emb * d_emb[0].detach()).sum().backward()
         return loss, r, b, p, prep.xs, prep.kept, prep.slot, prep.owner
 
 
