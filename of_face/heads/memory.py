@@ -68,7 +68,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 GIB = 2 ** 30
-BASE_GIB = 0.45  # process, OneFlow runtime, and the head's terms in N alone (fitted, docs/BENCHMARKS.md P2d)
+# process, OneFlow runtime, and the head's terms in N alone (fitted, docs/BENCHMARKS.md P2d: 0.45 on the
+# box of P2d-P2f; P2g's box holds about 0.12 GiB more at every K, so the larger: auto's K fits on both)
+BASE_GIB = 0.57
 JOB_BASE_GIB = 0.0  # per compiled job beyond the first (fitted)
 ADAMW_EAGER = 24  # bytes per kept element of the AdamW bias correction's eager temporaries (fitted)
 # K > 1: bytes per [c, D] element the host's row gradient and update hold at once (numpy temporaries of
