@@ -31,6 +31,7 @@ passes (softmax, not exp; the label column's logit from its own row) and its row
 in numpy's BLAS: 2.2-2.7x faster and a third smaller at 1M classes (docs/BENCHMARKS.md P2g).
 """
 from dataclasses import replace
+from functools import partial
 from typing import List, Optional, Tuple
 
 import oneflow as flow
@@ -204,13 +205,12 @@ class OneJobGraph(TrainGraph):
         emb = self.backbone(images).to(flow.float32)
         x = emb.detach()  # the head's passes hand the backbone its gradient through the link below
         prep = streamed.prepare(head, plan, x, labels, noise)
-        extra = [prep.col_bias] if plan.col_bias else []
-        p, lse, *p_wn = streamed.chunk_stats(head, plan, prep.xs, prep.positions, prep.slot, prep.owner, offset, *extra)
-        p_wn = p_wn[0].unsqueeze(0) if p_wn else None  # [1, world, N, D] split(1), as finish takes K chunks
-        loss, r, b, *d_emb = streamed.finish(head, prep, lse.unsqueeze(0), p_wn, x)
+        # the one chunk loop of eager mode and StreamStep, here over one chunk traced into this job
+        stats, lse, p_wn = streamed.all_chunk_stats(plan, prep, [offset], partial(streamed.chunk_stats, head, plan))
+        loss, r, b, *d_emb = streamed.finish(head, prep, lse, p_wn, x)
         if self.trains:  # (d emb detached: it is made from the FC weight, whose gradient nothing here wants)
             (emb * d_emb[0].detach()).sum().backward()
-        return loss, r, b, p, prep.xs, prep.kept, prep.slot, prep.owner
+        return loss, r, b, stats[0][0], prep.xs, prep.kept, prep.slot, prep.owner
 
 
 class OneJobStep(StreamStep):
@@ -232,5 +232,5 @@ class OneJobStep(StreamStep):
     def _passes(self, images: flow.Tensor, labels: flow.Tensor, step: int) -> tuple:
         noise = self.parts.head.step_noise(step)
         loss, r, b, p, xs, kept, slot, owner = self.graph(images, labels, noise, self._offsets[0])
-        prep = Prepared(xs, kept, kept, None, slot, owner, None, None, None)
+        prep = Prepared(xs, kept, kept, None, slot, owner, None, None, None)  # (one chunk: positions = kept)
         return loss, r, b, [p], prep
