@@ -55,7 +55,7 @@ PLAIN = [spec(m, o, k) for m in MODES for o in OPTIMIZERS for k in CHUNKS]
 # K = 1 in graph mode: OneJobStep (build's choice on the CPU in FP32 with sparse updates) and, as
 # on a GPU or under AMP, TrainGraph's single step (GraphStep)
 SINGLE = [spec("graph", o, 1, st="graph") for o in OPTIMIZERS]
-STEPPERS = {("graph", 1): "OneJobStep", ("graph", 3): "StreamStep", ("graph", 4): "StreamStep"}
+EXPECTED_STEPPER = {("graph", 1): "OneJobStep", ("graph", 3): "StreamStep", ("graph", 4): "StreamStep"}
 WARM_RUNS = [spec("graph", o, k, lr="warm", **({"save": 2, "resume": 2} if k == 4 else {}))
              for o in OPTIMIZERS for k in (1, 4)]
 BACKBONE_RUNS = [spec("graph", "sgd", 1, bb="lin", st="graph")] + [spec("graph", "sgd", k, bb="lin") for k in (1, 3)]
@@ -158,7 +158,8 @@ def test_chunks_equal_float64_numpy(record, mode, optimizer):
         assert (run["local"], run["k"]) == (31, 10)  # ceil(61 / 2); ceil(0.3 * 31) > global batch 8
         if chunks > 1:
             assert run["k"] % chunks != 0 and run["plan"][0] == chunks
-        assert run["stepper"] == ("GraphStep" if "st=graph" in name else STEPPERS.get((mode, chunks), "EagerStep"))
+        expected = "GraphStep" if "st=graph" in name else EXPECTED_STEPPER.get((mode, chunks), "EagerStep")
+        assert run["stepper"] == expected
         want = reference(run, w0, data, optimizer, classes)
         for t in range(1, STEPS + 1):
             at = f"{name} ({run['stepper']}) step {t}"
